@@ -1,0 +1,284 @@
+"""The steer file: LM-Steer projectors in safetensors, with metadata that makes the file
+self-describing and safe to load (no pickle, ever).
+
+A steer holds K named dimensions. Dimension k is the pair projector1[k], projector2[k]
+(each [D, r]); a request's value s_k scales W_k = projector1[k] @ projector2[k]^T and
+the hidden state h that feeds the LM head becomes h + eps * sum_k s_k (h @ P1_k) @ P2_k^T.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import warnings
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "vllm-steer/1"
+TENSOR_KEYS = ("projector1", "projector2")
+# Rows of the output embedding sampled for the fingerprint; spread over the vocabulary.
+FINGERPRINT_ROWS = 16
+# bf16 rounding of an fp32 embedding moves a row norm by well under 1%; another model's
+# embedding differs by tens of percent.
+FINGERPRINT_RTOL = 2e-2
+
+
+class SteerFileError(ValueError):
+    """A steer file is malformed, or does not fit the model it is loaded onto."""
+
+
+@dataclass(frozen=True)
+class SteerHeader:
+    """Everything about a steer except its weights: what the front end needs to validate
+    requests, and what `vllm-steer inspect` prints."""
+
+    dim_names: tuple[str, ...]
+    epsilon: float
+    hidden_size: int
+    rank: int
+    primary_dim: str
+    bias_dims: dict[str, float] = field(default_factory=dict)
+    base_model: str | None = None
+    fingerprint: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+    source: str | None = None
+
+    @property
+    def num_dims(self) -> int:
+        return len(self.dim_names)
+
+    @property
+    def primary_index(self) -> int:
+        return self.dim_names.index(self.primary_dim)
+
+    def __post_init__(self) -> None:
+        names = self.dim_names
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise SteerFileError(f"dim_names must be distinct non-empty strings, got {list(names)}")
+        if self.primary_dim not in names:
+            raise SteerFileError(f"primary_dim {self.primary_dim!r} is not one of {list(names)}")
+        if self.primary_dim in self.bias_dims:
+            raise SteerFileError(f"primary_dim {self.primary_dim!r} cannot also be a bias dim")
+        for name, value in self.bias_dims.items():
+            if name not in names:
+                raise SteerFileError(f"bias dim {name!r} is not one of {list(names)}")
+            if not math.isfinite(value):
+                raise SteerFileError(f"bias dim {name!r} has a non-finite value {value}")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise SteerFileError(f"epsilon must be a positive finite number, got {self.epsilon}")
+        if self.hidden_size <= 0 or self.rank <= 0:
+            raise SteerFileError(f"hidden_size and rank must be positive, got {self.hidden_size}, {self.rank}")
+
+    def steer_vector(self, value: float | list[float]) -> list[float]:
+        """The K values a request asks for: a number sets the primary dim and holds the
+        bias dims at their fixed values (others 0); a list gives all K values."""
+        if isinstance(value, list):
+            if len(value) != self.num_dims:
+                raise ValueError(
+                    f"expects a number or a list of {self.num_dims} numbers "
+                    f"({', '.join(self.dim_names)}), got a list of {len(value)}"
+                )
+            return [float(v) for v in value]
+        vector = [self.bias_dims.get(name, 0.0) for name in self.dim_names]
+        vector[self.primary_index] = float(value)
+        return vector
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT,
+            "dim_names": json.dumps(list(self.dim_names)),
+            "primary_dim": self.primary_dim,
+            "bias_dims": json.dumps(self.bias_dims),
+            "epsilon": repr(float(self.epsilon)),
+            "hidden_size": str(self.hidden_size),
+            "rank": str(self.rank),
+            "num_dims": str(self.num_dims),
+        }
+        optional = {"base_model": self.base_model, "source": self.source}
+        meta.update({k: v for k, v in optional.items() if v is not None})
+        for key in ("fingerprint", "recipe"):
+            if getattr(self, key) is not None:
+                meta[key] = json.dumps(getattr(self, key))
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None, where: str = "steer file") -> SteerHeader:
+        meta = meta or {}
+        if meta.get("format") != FORMAT:
+            raise SteerFileError(
+                f"{where}: not a vllm-steer file (metadata 'format' is {meta.get('format')!r}, "
+                f"expected {FORMAT!r}); import a reference checkpoint with `vllm-steer convert`"
+            )
+        try:
+            header = cls(
+                dim_names=tuple(json.loads(meta["dim_names"])),
+                epsilon=float(meta["epsilon"]),
+                hidden_size=int(meta["hidden_size"]),
+                rank=int(meta["rank"]),
+                primary_dim=meta["primary_dim"],
+                bias_dims={k: float(v) for k, v in json.loads(meta.get("bias_dims", "{}")).items()},
+                base_model=meta.get("base_model"),
+                fingerprint=json.loads(meta["fingerprint"]) if "fingerprint" in meta else None,
+                recipe=json.loads(meta["recipe"]) if "recipe" in meta else None,
+                source=meta.get("source"),
+            )
+        except SteerFileError as e:
+            raise SteerFileError(f"{where}: {e}") from None
+        except (KeyError, ValueError, TypeError) as e:
+            raise SteerFileError(f"{where}: malformed metadata ({type(e).__name__}: {e})") from None
+        if int(meta.get("num_dims", header.num_dims)) != header.num_dims:
+            raise SteerFileError(f"{where}: num_dims {meta['num_dims']} != len(dim_names) {header.num_dims}")
+        return header
+
+
+@dataclass(frozen=True)
+class SteerFile:
+    """A steer: its header and projector1/projector2, each [K, D, r]."""
+
+    header: SteerHeader
+    projector1: torch.Tensor
+    projector2: torch.Tensor
+
+    def __post_init__(self) -> None:
+        h = self.header
+        expected = (h.num_dims, h.hidden_size, h.rank)
+        for name in TENSOR_KEYS:
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != expected:
+                raise SteerFileError(
+                    f"{name} has shape {tuple(tensor.shape)}, expected [K, D, r] = {list(expected)}"
+                )
+            if not tensor.is_floating_point():
+                raise SteerFileError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+            if not torch.isfinite(tensor).all():
+                raise SteerFileError(f"{name} contains NaN or infinite values")
+
+    @classmethod
+    def create(
+        cls,
+        projector1: torch.Tensor,
+        projector2: torch.Tensor,
+        *,
+        dim_names: list[str] | tuple[str, ...],
+        epsilon: float = 1e-3,
+        primary_dim: str | None = None,
+        bias_dims: dict[str, float] | None = None,
+        **header_fields: Any,
+    ) -> SteerFile:
+        """Build a steer from projectors shaped [K, D, r]; the primary dim defaults to the
+        first dim that is not a bias dim."""
+        bias_dims = dict(bias_dims or {})
+        if primary_dim is None:
+            free = [n for n in dim_names if n not in bias_dims]
+            if not free:
+                raise SteerFileError("a steer needs at least one dim that is not a bias dim")
+            primary_dim = free[0]
+        header = SteerHeader(
+            dim_names=tuple(dim_names),
+            epsilon=float(epsilon),
+            hidden_size=int(projector1.shape[1]),
+            rank=int(projector1.shape[2]),
+            primary_dim=primary_dim,
+            bias_dims=bias_dims,
+            **header_fields,
+        )
+        return cls(header, projector1, projector2)
+
+    def with_header(self, **changes: Any) -> SteerFile:
+        return SteerFile(replace(self.header, **changes), self.projector1, self.projector2)
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        tensors = {
+            name: getattr(self, name).detach().to("cpu", dtype or getattr(self, name).dtype).contiguous()
+            for name in TENSOR_KEYS
+        }
+        save_file(tensors, str(path), metadata=self.header.to_metadata())
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteerFile:
+        """Read and check a steer file. Never unpickles."""
+        header = read_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in TENSOR_KEYS if k not in f.keys()]
+            if missing:
+                raise SteerFileError(f"{path}: missing tensors {missing}")
+            tensors = {k: f.get_tensor(k) for k in TENSOR_KEYS}
+        try:
+            return cls(header, **tensors)
+        except SteerFileError as e:
+            raise SteerFileError(f"{path}: {e}") from None
+
+
+def read_header(path: str | Path) -> SteerHeader:
+    """The header alone (reads the safetensors JSON header, not the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SteerFileError(f"steer file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+    except SteerFileError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for garbage input
+        raise SteerFileError(f"{path}: not a readable safetensors file ({e})") from None
+    return SteerHeader.from_metadata(meta, where=str(path))
+
+
+def fingerprint_rows(vocab_size: int) -> list[int]:
+    return sorted({round(i * (vocab_size - 1) / (FINGERPRINT_ROWS - 1)) for i in range(FINGERPRINT_ROWS)})
+
+
+def embedding_fingerprint(weight: torch.Tensor) -> dict[str, Any]:
+    """A small, dtype-tolerant summary of an output embedding [V, D]: the norm and the sum
+    of a few rows spread over the vocabulary."""
+    rows = fingerprint_rows(weight.shape[0])
+    sample = weight[rows].double()
+    return {
+        "vocab_size": int(weight.shape[0]),
+        "hidden_size": int(weight.shape[1]),
+        "rows": rows,
+        "norms": [round(x, 6) for x in sample.norm(dim=1).tolist()],
+        "sums": [round(x, 6) for x in sample.sum(dim=1).tolist()],
+    }
+
+
+def fingerprint_mismatch(
+    fingerprint: dict[str, Any], weight_shard: torch.Tensor, first_row: int = 0, vocab_size: int | None = None
+) -> str | None:
+    """Why `weight_shard` (rows first_row.. of the model's output embedding, as a tensor-
+    parallel rank holds it) is not the embedding the fingerprint was taken of; None if it is."""
+    if weight_shard.shape[1] != fingerprint["hidden_size"]:
+        return f"hidden size {weight_shard.shape[1]} != {fingerprint['hidden_size']}"
+    if vocab_size is not None and vocab_size != fingerprint["vocab_size"]:
+        return f"vocabulary size {vocab_size} != {fingerprint['vocab_size']}"
+    for row, norm, total in zip(fingerprint["rows"], fingerprint["norms"], fingerprint["sums"]):
+        local = row - first_row
+        if not 0 <= local < weight_shard.shape[0]:
+            continue
+        vec = weight_shard[local].double()
+        scale = max(abs(norm), 1e-6)
+        if abs(vec.norm().item() - norm) > FINGERPRINT_RTOL * scale:
+            return f"row {row} norm {vec.norm().item():.6g} != {norm:.6g}"
+        # A row sum can be near zero; compare it on the scale of the row's norm.
+        if abs(vec.sum().item() - total) > FINGERPRINT_RTOL * scale * math.sqrt(len(vec)):
+            return f"row {row} sum {vec.sum().item():.6g} != {total:.6g}"
+    return None
+
+
+def check_fits_model(header: SteerHeader, hidden_size: int, where: str) -> None:
+    if header.hidden_size != hidden_size:
+        raise SteerFileError(
+            f"{where}: steer hidden size D={header.hidden_size} does not match the model's {hidden_size}"
+            + (f" (the steer was made for {header.base_model})" if header.base_model else "")
+        )
+    if header.fingerprint is None:
+        warnings.warn(
+            f"{where}: the steer file has no embedding fingerprint, so it cannot be checked against "
+            "the model; add one with `vllm-steer convert --model`",
+            stacklevel=2,
+        )
