@@ -100,7 +100,7 @@ class _StepState:
     row_values: torch.Tensor | None = None  # [max_num_seqs, K_total] fp32, on the model's device
     armed_rows: int = 0  # the next compute_logits with this many rows is the step's sampling call
     steered: bool = False  # any row of the armed batch has nonzero values
-    model_checked: bool = False
+    model_checked: bool = False  # set by the steered layer's first call: it is in the model
     vocab_size: int = 0
 
     def check_model(self, lm_head: torch.nn.Module, hidden_size: int) -> None:
@@ -178,8 +178,10 @@ class SteerLogitsProcessor(V1LogitsProcessor):
             raise SteerRequestError("prompt_logprobs cannot be combined with steering (they would be unsteered)")
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        check_vllm_internals()
         refuse_model_runner_v2(vllm_config)
+        # The model is built after this runs: make sure it gets the steered layer even where
+        # VLLM_PLUGINS keeps the entry point from loading.
+        register_plugin()
         self.config = served_config()
         hidden_size = vllm_config.model_config.get_hidden_size()
         for name, header in self.config.catalog.items():
@@ -194,7 +196,7 @@ class SteerLogitsProcessor(V1LogitsProcessor):
         self.bank = bank.to(device, torch.float32)
         self.batch_size = 0
         self.steered = False
-        _STEP.bank, _STEP.row_values, _STEP.model_checked = self.bank, self.values, False
+        _STEP.bank, _STEP.row_values = self.bank, self.values
         _STEP.vocab_size = vllm_config.model_config.get_vocab_size()
         logger.info("vllm-steer: loaded steers %s (K_total=%d, R=%d)", ", ".join(self.config.steers),
                     bank.num_dims, bank.total_rank)
@@ -226,6 +228,8 @@ class SteerLogitsProcessor(V1LogitsProcessor):
                     self.row_steered[src] = False
             self.batch_size = batch_update.batch_size
             self.steered = bool(self.row_steered[: self.batch_size].any())
+            if self.steered and not _STEP.model_checked:
+                raise RuntimeError("vllm-steer: the model has no steered logits layer; refusing to serve unsteered")
             if self.steered and self.values is not self.values_cpu:
                 self.values[: self.batch_size].copy_(self.values_cpu[: self.batch_size], non_blocking=True)
         _STEP.armed_rows = self.batch_size

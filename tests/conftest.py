@@ -1,0 +1,89 @@
+"""Shared fixtures. The expensive parts (the default model, steer files, vLLM servers) are
+session-scoped: one engine per test session, as engine start-up costs 30-40 s here."""
+
+from __future__ import annotations
+
+import os
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from vllm_steer import SteerFile, embedding_fingerprint
+from vllm_steer.default_model import default_model_dir
+from vllm_steer.server_process import (
+    CPU_SERVER_ARGS,
+    ServerProcess,
+    plain_server_command,
+    steer_server_command,
+)
+
+# Prefix caching and chunked prefill on, with a token budget small enough that the long
+# prompt in the isolation test is prefilled in several chunks.
+ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-caching", "--enable-chunked-prefill",
+               "--max-num-batched-tokens", "128", "--seed", "0"]
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# Large enough that +-5 changes greedy text, small enough that it stays text: at s=5 the
+# steer moves h by roughly a fifth of its norm (eps * s * sigma^2 * sqrt(r * D) ~ 0.2).
+STEER_SIGMA = 0.45
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    return default_model_dir()
+
+
+@pytest.fixture(scope="session")
+def output_embedding(model_dir: Path) -> torch.Tensor:
+    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
+        return f.get_tensor("model.embed_tokens.weight")
+
+
+def random_steer(dim_names: list[str], rank: int, seed: int, fingerprint: dict | None, **kw) -> SteerFile:
+    g = torch.Generator().manual_seed(seed)
+    k = len(dim_names)
+    p1 = torch.randn(k, 576, rank, generator=g) * STEER_SIGMA
+    p2 = torch.randn(k, 576, rank, generator=g) * STEER_SIGMA
+    return SteerFile.create(p1, p2, dim_names=dim_names, epsilon=1e-3, base_model="SmolLM2-135M-Instruct",
+                            fingerprint=fingerprint, **kw)
+
+
+@pytest.fixture(scope="session")
+def steer_paths(tmp_path_factory, output_embedding) -> dict[str, str]:
+    """Two random steers: alpha has a bias dim held at 1 (the reference's layout), beta one dim."""
+    folder = tmp_path_factory.mktemp("steers")
+    fp = embedding_fingerprint(output_embedding)
+    steers = {
+        "alpha": random_steer(["alpha", "bias"], 64, 1, fp, bias_dims={"bias": 1.0}),
+        "beta": random_steer(["beta"], 32, 2, fp),
+    }
+    paths = {}
+    for name, steer in steers.items():
+        paths[name] = str(folder / f"{name}.safetensors")
+        steer.save(paths[name])
+    return paths
+
+
+@pytest.fixture(scope="session")
+def servers(model_dir, steer_paths, tmp_path_factory):
+    """The vllm-steer server and, for comparison, plain vLLM without the plugin; started
+    side by side to share the start-up wait."""
+    logs = tmp_path_factory.mktemp("logs")
+    steer = ServerProcess(steer_server_command(str(model_dir), steer_paths, *ENGINE_ARGS),
+                          logs / "steer_server.log", env=SERVER_ENV)
+    plain = ServerProcess(plain_server_command(str(model_dir), *ENGINE_ARGS), logs / "plain_server.log",
+                          env={**SERVER_ENV, "VLLM_PLUGINS": ""})
+    steer.start()
+    plain.start()
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(lambda s: s.wait_ready(), [steer, plain]))
+        yield {"steer": steer, "plain": plain}
+    finally:
+        steer.stop()
+        plain.stop()
+        if os.environ.get("VLLM_STEER_SHOW_SERVER_LOGS"):
+            print(steer.log_tail(), file=sys.stderr)
