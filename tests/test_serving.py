@@ -91,7 +91,7 @@ def test_logprobs_match_hf_formula(servers, hf_model, steer_paths):
             gen = token_ids(choice)
             ref = hf_steered_logprobs(model, prompt_ids + gen, steers, xargs)
             unsteered = hf_steered_logprobs(model, prompt_ids + gen, steers, {})
-            for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs)):
+            for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs, strict=True)):
                 pos = len(prompt_ids) - 1 + i
                 worst = max(worst, abs(lp - ref[pos, tok].item()))
                 smallest_effect = min(smallest_effect, abs(ref[pos] - unsteered[pos]).max().item())
@@ -157,7 +157,7 @@ def test_concurrent_steered_requests_equal_solo_runs(servers):
     reqs = isolation_requests()
     batched = asyncio.run(run_concurrently(servers["steer"], reqs))
     alone = run_alone(servers["steer"], reqs)
-    mismatches = [(r, b, a) for r, b, a in zip(reqs, batched, alone) if b != a]
+    mismatches = [(r, b, a) for r, b, a in zip(reqs, batched, alone, strict=True) if b != a]
     assert not mismatches, mismatches
     # The steers really act: the same prompt under different values gives different text.
     long_texts = batched[-4:]
@@ -210,8 +210,8 @@ def test_bad_steer_values_get_400(servers, xargs, message):
 def test_non_finite_values_get_400(servers, literal):
     """Python's JSON (and so vLLM's) accepts these literals; the steer check must catch them.
     Sent as raw JSON because the openai client refuses to encode them."""
-    body = ('{"model": "%s", "prompt": "Hi", "max_tokens": 2, "vllm_xargs": {"steer_alpha": %s}}'
-            % (client(servers["steer"]).models.list().data[0].id, literal))
+    model = json.dumps(client(servers["steer"]).models.list().data[0].id)
+    body = f'{{"model": {model}, "prompt": "Hi", "max_tokens": 2, "vllm_xargs": {{"steer_alpha": {literal}}}}}'
     r = httpx.post(servers["steer"].url + "/completions", content=body,
                    headers={"content-type": "application/json"}, timeout=60)
     assert r.status_code == 400, r.text

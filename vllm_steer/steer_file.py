@@ -256,7 +256,7 @@ def fingerprint_mismatch(
         return f"hidden size {weight_shard.shape[1]} != {fingerprint['hidden_size']}"
     if vocab_size is not None and vocab_size != fingerprint["vocab_size"]:
         return f"vocabulary size {vocab_size} != {fingerprint['vocab_size']}"
-    for row, norm, total in zip(fingerprint["rows"], fingerprint["norms"], fingerprint["sums"]):
+    for row, norm, total in zip(fingerprint["rows"], fingerprint["norms"], fingerprint["sums"], strict=True):
         local = row - first_row
         if not 0 <= local < weight_shard.shape[0]:
             continue
