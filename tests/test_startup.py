@@ -3,9 +3,6 @@ a model runner the plugin cannot steer under."""
 
 from __future__ import annotations
 
-import types
-
-import pytest
 import torch
 from conftest import ENGINE_ARGS, SERVER_ENV, random_steer
 
@@ -54,19 +51,3 @@ def test_nan_weights_and_garbage_files_are_refused_before_vllm_starts(model_dir,
         log = refused_start(model_dir, tmp_path / name, tmp_path)
         assert message in log, log
         assert "Starting vLLM" not in log and "EngineCore" not in log
-
-
-def test_model_runner_v2_is_refused():
-    """MRV2 cannot run on CPU (its config needs a Triton backend), so this checks the two
-    refusals that would meet it on a GPU: vLLM's own MRV2 loader rejects the processor class,
-    and the processor's guard rejects a config whose runner is V2 (a stand-in config object,
-    since a real MRV2 VllmConfig cannot be built here)."""
-    from vllm.v1.worker.gpu.sample.logits_processor import build_custom_logits_processors_params_validator
-
-    from vllm_steer.vllm_integration import SteerLogitsProcessor, refuse_model_runner_v2
-
-    with pytest.raises(ValueError, match="not a subclass"):
-        build_custom_logits_processors_params_validator([SteerLogitsProcessor])
-    with pytest.raises(RuntimeError, match="VLLM_USE_V2_MODEL_RUNNER=0"):
-        refuse_model_runner_v2(types.SimpleNamespace(use_v2_model_runner=True))
-    refuse_model_runner_v2(types.SimpleNamespace(use_v2_model_runner=False))

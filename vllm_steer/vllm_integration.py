@@ -2,24 +2,29 @@
 
 Two pieces cooperate inside each vLLM worker process:
 - `SteerLogitsProcessor`, the per-request state processor named with `--logits-processors`:
-  it keeps a fixed-capacity table of each persistent-batch row's steer values, updated from
-  vLLM's batch changes (added, removed, moved, swapped), and arms the step.
+  it keeps a fixed-capacity table of each request's steer values, indexed the way the active
+  model runner indexes requests, and arms the step's sampling call.
 - `SteeredLogitsLayer`, registered out of tree in place of vLLM's `LogitsProcessor` layer:
   right before the LM head it steers the post-norm hidden state of every row in one batched
   op, then runs vLLM's own logits computation unchanged.
 They meet in `_STEP`, one per process. The steer changes only h -> logits, so the KV cache,
 prefix caching and the prompt's hidden states are untouched.
 
-Only the legacy model runner (MRV1: the CPU backend, or GPU with VLLM_USE_V2_MODEL_RUNNER=0)
-is supported; under Model Runner V2 start-up is refused rather than serving unsteered text.
+Both model runners are supported:
+- legacy (MRV1: the CPU backend, or GPU with VLLM_USE_V2_MODEL_RUNNER=0): the table is indexed
+  by persistent-batch row, kept in step with vLLM's batch changes; logits row i is row i.
+- Model Runner V2 (the GPU default): the table is indexed by request slot, filled by
+  add_request and flushed by apply_staged_writes; the runner's `sample` is wrapped to hand the
+  step's logits-row -> slot map to the layer, since vLLM gives it only to apply(), after the
+  logits exist.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
-from functools import cache
 
 import numpy as np
 import torch
@@ -30,6 +35,7 @@ from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogitsLayer
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
 from .kernels import steer_hidden
 from .steer_bank import SteerBank
@@ -48,10 +54,7 @@ def check_vllm_internals() -> None:
     version = vllm.__version__
     if not version.startswith(SUPPORTED_VLLM):
         raise RuntimeError(f"vllm-steer supports vLLM {', '.join(SUPPORTED_VLLM)}x; found {version}")
-    params = list(inspect.signature(VllmLogitsLayer.forward).parameters)
-    expected = ["self", "lm_head", "hidden_states", "embedding_bias", "skip_gather"]
-    if params != expected:
-        raise RuntimeError(f"vLLM LogitsProcessor.forward has parameters {params}, expected {expected}")
+    _expect_params(VllmLogitsLayer.forward, ["self", "lm_head", "hidden_states", "embedding_bias", "skip_gather"])
     if not hasattr(PluggableLayer, "register_oot"):
         raise RuntimeError("vLLM PluggableLayer.register_oot is missing")
     fields = set(getattr(BatchUpdate, "__dataclass_fields__", {}))
@@ -59,6 +62,12 @@ def check_vllm_internals() -> None:
         raise RuntimeError(f"vLLM BatchUpdate fields changed: {sorted(fields)}")
     if {m.name for m in MoveDirectionality} != {"UNIDIRECTIONAL", "SWAP"}:
         raise RuntimeError("vLLM MoveDirectionality members changed")
+
+
+def _expect_params(fn: object, expected: list[str]) -> None:
+    params = list(inspect.signature(fn).parameters)
+    if params != expected:
+        raise RuntimeError(f"vLLM {getattr(fn, '__qualname__', fn)} has parameters {params}, expected {expected}")
 
 
 def register_plugin() -> None:
@@ -73,40 +82,78 @@ def register_plugin() -> None:
     PluggableLayer.register_oot(SteeredLogitsLayer, name=OOT_LAYER_NAME)
 
 
-def refuse_model_runner_v2(vllm_config: VllmConfig) -> None:
-    if vllm_config.use_v2_model_runner:
-        raise RuntimeError(
-            "vllm-steer supports only vLLM's legacy model runner so far; Model Runner V2 is active. "
-            "Set VLLM_USE_V2_MODEL_RUNNER=0 to steer (never serving unsteered text silently instead)."
-        )
-
-
-@cache
 def served_config() -> SteerConfig:
-    """The steers this server loaded (from VLLM_STEER_CONFIG), read once per process."""
-    config = SteerConfig.from_env()
-    if config is None or not config.steers:
-        raise RuntimeError(
-            f"no steers configured: set {ENV_VAR} (vllm-steer serve does) or use vllm_steer.offline.steered_llm"
-        )
-    return config
+    """The steers this server loaded (from VLLM_STEER_CONFIG)."""
+    global _SERVED_CONFIG
+    if _SERVED_CONFIG is None:
+        config = SteerConfig.from_env()
+        if config is None or not config.steers:
+            raise RuntimeError(f"no steers configured: set {ENV_VAR} (vllm-steer serve does) "
+                               "or use vllm_steer.offline.steered_llm")
+        _SERVED_CONFIG = config
+    return _SERVED_CONFIG
+
+
+_SERVED_CONFIG: SteerConfig | None = None
+
+
+class SteerTable:
+    """Each request's steer values, eps folded in, by row (MRV1) or slot (MRV2): a host
+    table written as requests arrive and a device copy the step reads. The extra last row
+    stays zero, so an index of -1 (MRV2's padding) reads as unsteered."""
+
+    def __init__(self, config: SteerConfig, bank: SteerBank, capacity: int, device: torch.device) -> None:
+        self.config, self.bank = config, bank
+        # Pageable, not pinned: a copy from pageable memory has read the source before it
+        # returns, so the host may rewrite this table while the GPU is still behind.
+        self.host = torch.zeros(capacity + 1, bank.num_dims, dtype=torch.float32)
+        self.device = self.host if device.type == "cpu" else torch.zeros_like(self.host, device=device)
+        self.steered = np.zeros(capacity + 1, dtype=bool)
+
+    def set(self, index: int, params: SamplingParams) -> None:
+        request = parse_steer_args(params.extra_args, self.config.catalog, self.config.max_abs_value)
+        values = self.bank.row_values(request) if request else [0.0] * self.bank.num_dims
+        self.host[index] = torch.tensor(values, dtype=torch.float32)
+        self.steered[index] = any(values)
+
+    def clear(self, index: int) -> None:
+        self.host[index] = 0.0
+        self.steered[index] = False
+
+    def move(self, src: int, dst: int) -> None:
+        self.host[dst] = self.host[src]
+        self.steered[dst] = self.steered[src]
+        self.clear(src)
+
+    def swap(self, a: int, b: int) -> None:
+        self.host[[a, b]] = self.host[[b, a]]
+        self.steered[[a, b]] = self.steered[[b, a]]
+
+    def flush(self, rows: int | None = None) -> None:
+        if self.device is not self.host:
+            self.device[:rows].copy_(self.host[:rows], non_blocking=True)
 
 
 @dataclass
 class _StepState:
-    """What the state processor hands the logits layer for the coming step."""
+    """What the state processor hands the logits layer for the coming sampling call."""
 
-    bank: SteerBank | None = None
-    row_values: torch.Tensor | None = None  # [max_num_seqs, K_total] fp32, on the model's device
+    table: SteerTable | None = None
     armed_rows: int = 0  # the next compute_logits with this many rows is the step's sampling call
-    steered: bool = False  # any row of the armed batch has nonzero values
-    model_checked: bool = False  # set by the steered layer's first call: it is in the model
+    steered: bool = False  # any row of the armed step has nonzero values
+    row_to_index: torch.Tensor | None = None  # MRV2: logits row -> slot; MRV1: None (row i is row i)
+    layer_seen: bool = False  # set by the steered layer's first call: it is in the model
     vocab_size: int = 0
+
+    def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
+        self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
+        if steered and not self.layer_seen:
+            raise RuntimeError("vllm-steer: the model has no steered logits layer; refusing to serve unsteered")
 
     def check_model(self, lm_head: torch.nn.Module, hidden_size: int) -> None:
         """Once, at the first logits computation (vLLM's start-up profile run): each steer
         must fit this model's output embedding, or the server does not start."""
-        self.model_checked = True
+        self.layer_seen = True
         weight = getattr(lm_head, "weight", None)
         shard = getattr(lm_head, "shard_indices", None)
         if weight is None or weight.dim() != 2 or weight.shape[1] != hidden_size or shard is None:
@@ -132,11 +179,12 @@ class _StepState:
         self.armed_rows = 0
         if not self.steered:
             return hidden_states
-        bank = self.bank
+        table, bank = self.table, self.table.bank
         if bank.down.device != hidden_states.device:
             bank.to(hidden_states.device, torch.float32)
         rows = hidden_states.shape[0]
-        return steer_hidden(hidden_states, bank.down, bank.up, bank.col_dim, self.row_values[:rows])
+        values = table.device[:rows] if self.row_to_index is None else table.device[self.row_to_index]
+        return steer_hidden(hidden_states, bank.down, bank.up, bank.col_dim, values)
 
 
 _STEP = _StepState()
@@ -155,16 +203,44 @@ class SteeredLogitsLayer(VllmLogitsLayer):
         embedding_bias: torch.Tensor | None = None,
         skip_gather: bool = False,
     ) -> torch.Tensor | None:
-        if _STEP.bank is not None:
-            if not _STEP.model_checked:
-                _STEP.check_model(lm_head, _STEP.bank.hidden_size)
+        if _STEP.table is not None:
+            if not _STEP.layer_seen:
+                _STEP.check_model(lm_head, _STEP.table.bank.hidden_size)
             hidden_states = _STEP.take(hidden_states)
         return VllmLogitsLayer.forward(self, lm_head, hidden_states, embedding_bias, skip_gather)
 
 
-class SteerLogitsProcessor(V1LogitsProcessor):
-    """Per-request steer values for vLLM's legacy model runner (the V1 logits-processor
-    interface). It edits no logits itself: it keeps the row table the logits layer reads."""
+def install_mrv2_sample_hook() -> None:
+    """Wrap Model Runner V2's `sample` so the layer learns this step's logits-row -> slot
+    map (vLLM computes the logits inside `sample`, before any processor sees the map)."""
+    from vllm.v1.worker.gpu.input_batch import InputBatch
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    original = GPUModelRunner.sample
+    if getattr(original, "_vllm_steer_hook", False):
+        return
+    _expect_params(original, ["self", "hidden_states", "input_batch", "grammar_output"])
+    fields = set(InputBatch.__dataclass_fields__)
+    if not {"expanded_idx_mapping", "idx_mapping_np", "num_reqs", "logits_indices"} <= fields:
+        raise RuntimeError(f"vLLM MRV2 InputBatch fields changed: {sorted(fields)}")
+
+    @functools.wraps(original)
+    def sample(self, hidden_states, input_batch, grammar_output):
+        table = _STEP.table
+        if table is not None:
+            slots = input_batch.idx_mapping_np[: input_batch.num_reqs]
+            _STEP.arm(int(input_batch.logits_indices.shape[0]), bool(table.steered[slots].any()),
+                      input_batch.expanded_idx_mapping)
+        return original(self, hidden_states, input_batch, grammar_output)
+
+    sample._vllm_steer_hook = True
+    GPUModelRunner.sample = sample
+
+
+class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
+    """Per-request steer values, for either model runner: vLLM loads it through the V1
+    interface under the legacy runner and through the V2 interface under Model Runner V2.
+    It edits no logits itself; it keeps the table the logits layer reads."""
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -177,67 +253,67 @@ class SteerLogitsProcessor(V1LogitsProcessor):
         if request and sampling_params.prompt_logprobs is not None:
             raise SteerRequestError("prompt_logprobs cannot be combined with steering (they would be unsteered)")
 
-    def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
-        refuse_model_runner_v2(vllm_config)
+    def __init__(self, vllm_config: VllmConfig, *runner_args: object) -> None:
+        """MRV1 passes (device, is_pin_memory); MRV2 passes (req_states)."""
         # The model is built after this runs: make sure it gets the steered layer even where
         # VLLM_PLUGINS keeps the entry point from loading.
         register_plugin()
-        self.config = served_config()
+        self.v2 = bool(vllm_config.use_v2_model_runner)
+        if self.v2:
+            if vllm_config.parallel_config.enable_batch_sharded_sampling:
+                raise RuntimeError("vllm-steer does not support batch-sharded sampling; turn it off to steer")
+            (req_states,) = runner_args
+            device, capacity = req_states.device, req_states.max_num_reqs
+            install_mrv2_sample_hook()
+        else:
+            device, _ = runner_args
+            capacity = vllm_config.scheduler_config.max_num_seqs
+        config = served_config()
         hidden_size = vllm_config.model_config.get_hidden_size()
-        for name, header in self.config.catalog.items():
-            check_fits_model(header, hidden_size, f"steer {name!r} ({self.config.steers[name]})")
-        bank = self.config.load_bank()
-        capacity = vllm_config.scheduler_config.max_num_seqs
-        # Pageable, not pinned: a copy from pageable memory has read the source before it
-        # returns, so the next step may rewrite this table while the GPU is still behind.
-        self.values_cpu = torch.zeros(capacity, bank.num_dims, dtype=torch.float32)
-        self.values = self.values_cpu if device.type == "cpu" else torch.zeros_like(self.values_cpu, device=device)
-        self.row_steered = np.zeros(capacity, dtype=bool)
-        self.bank = bank.to(device, torch.float32)
+        for name, header in config.catalog.items():
+            check_fits_model(header, hidden_size, f"steer {name!r} ({config.steers[name]})")
+        bank = config.load_bank().to(device, torch.float32)
+        self.table = SteerTable(config, bank, capacity, torch.device(device))
         self.batch_size = 0
         self.steered = False
-        _STEP.bank, _STEP.row_values = self.bank, self.values
-        _STEP.vocab_size = vllm_config.model_config.get_vocab_size()
-        logger.info("vllm-steer: loaded steers %s (K_total=%d, R=%d)", ", ".join(self.config.steers),
-                    bank.num_dims, bank.total_rank)
+        self.staged = False
+        _STEP.table, _STEP.vocab_size = self.table, vllm_config.model_config.get_vocab_size()
+        logger.info("vllm-steer: loaded steers %s (K_total=%d, R=%d, %s)", ", ".join(config.steers),
+                    bank.num_dims, bank.total_rank, "model runner V2" if self.v2 else "legacy model runner")
 
-    def _set_row(self, row: int, params: SamplingParams) -> None:
-        request = parse_steer_args(params.extra_args, self.config.catalog, self.config.max_abs_value)
-        values = self.bank.row_values(request) if request else None
-        if values is None:
-            self.values_cpu[row].zero_()
-        else:
-            self.values_cpu[row] = torch.tensor(values, dtype=torch.float32)
-        self.row_steered[row] = values is not None and any(values)
-
+    # -- legacy model runner (V1 interface): rows of the persistent batch
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        table = self.table
         if batch_update is not None:
             for row in batch_update.removed:
-                self.values_cpu[row].zero_()
-                self.row_steered[row] = False
+                table.clear(row)
             for row, params, _, _ in batch_update.added:
-                self._set_row(row, params)
+                table.set(row, params)
             for src, dst, direction in batch_update.moved:
                 if direction == MoveDirectionality.SWAP:
-                    self.values_cpu[[src, dst]] = self.values_cpu[[dst, src]]
-                    self.row_steered[[src, dst]] = self.row_steered[[dst, src]]
+                    table.swap(src, dst)
                 else:
-                    self.values_cpu[dst] = self.values_cpu[src]
-                    self.row_steered[dst] = self.row_steered[src]
-                    self.values_cpu[src].zero_()
-                    self.row_steered[src] = False
+                    table.move(src, dst)
             self.batch_size = batch_update.batch_size
-            self.steered = bool(self.row_steered[: self.batch_size].any())
-            if self.steered and not _STEP.model_checked:
-                raise RuntimeError("vllm-steer: the model has no steered logits layer; refusing to serve unsteered")
-            if self.steered and self.values is not self.values_cpu:
-                self.values[: self.batch_size].copy_(self.values_cpu[: self.batch_size], non_blocking=True)
-        _STEP.armed_rows = self.batch_size
-        _STEP.steered = self.steered
-
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits
+            self.steered = bool(table.steered[: self.batch_size].any())
+            if self.steered:
+                table.flush(self.batch_size)
+        _STEP.arm(self.batch_size, self.steered)
 
     def is_argmax_invariant(self) -> bool:
         # apply() leaves logits alone; the steering happened before the LM head.
         return True
+
+    # -- Model Runner V2 (V2 interface): request slots, recycled without a remove callback
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        self.table.set(req_idx, sampling_params)
+        self.staged = True
+        return False  # apply() edits nothing
+
+    def apply_staged_writes(self) -> None:
+        if self.staged:
+            self.table.flush()
+            self.staged = False
+
+    def apply(self, logits: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        return logits

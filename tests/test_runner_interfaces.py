@@ -1,0 +1,157 @@
+"""The state processor against vLLM's real interface classes for both model runners, on CPU.
+
+Model Runner V2 cannot run end to end here (its config needs a Triton GPU backend), so its
+path is exercised at the level of vLLM's own classes and its real `GPUModelRunner.sample`;
+the runner's config and input batch are stand-ins carrying only the fields the plugin reads.
+The legacy runner is exercised end to end in test_serving.py; here its batch bookkeeping is
+checked against a plain model of the batch."""
+
+from __future__ import annotations
+
+import random
+from types import SimpleNamespace
+
+import pytest
+import torch
+from vllm import SamplingParams
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcRequestState
+from vllm.v1.worker.gpu.sample.logits_processor.loader import build_custom_logits_processors_params_validator
+
+from vllm_steer import SteerConfig, SteerFile
+from vllm_steer import vllm_integration as integration
+from vllm_steer.vllm_integration import _STEP, SteerLogitsProcessor
+
+
+@pytest.fixture
+def served(steer_paths, monkeypatch):
+    monkeypatch.setenv("VLLM_STEER_CONFIG", SteerConfig(steers=steer_paths).to_json())
+    monkeypatch.setattr(integration, "_SERVED_CONFIG", None)
+    _STEP.layer_seen = True  # no model here: the layer's start-up check is covered end to end
+    yield {name: SteerFile.load(path) for name, path in steer_paths.items()}
+    monkeypatch.setattr(_STEP, "table", None)
+
+
+def stand_in_config(v2: bool, max_num_seqs: int = 8):
+    return SimpleNamespace(
+        use_v2_model_runner=v2,
+        parallel_config=SimpleNamespace(enable_batch_sharded_sampling=False),
+        model_config=SimpleNamespace(get_hidden_size=lambda: 576, get_vocab_size=lambda: 49152),
+        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
+    )
+
+
+def expected_row(h, steers, xargs):
+    out = h.double().clone()
+    for key, value in (xargs or {}).items():
+        steer = steers[key.removeprefix("steer_")]
+        s = steer.header.steer_vector(value)
+        for k, s_k in enumerate(s):
+            p1, p2 = steer.projector1[k].double(), steer.projector2[k].double()
+            out += steer.header.epsilon * s_k * (h.double() @ p1) @ p2.T
+    return out
+
+
+def test_mrv2_loader_accepts_the_processor_and_validates_requests(served):
+    from vllm.exceptions import VLLMValidationError
+
+    validate = build_custom_logits_processors_params_validator(["vllm_steer.vllm_integration:SteerLogitsProcessor"])
+    validate(SamplingParams(extra_args={"steer_alpha": 3}))
+    with pytest.raises(VLLMValidationError, match="unknown steer 'nope'"):
+        validate(SamplingParams(extra_args={"steer_nope": 3}))
+
+
+def test_mrv2_steers_exactly_the_mapped_slots(served):
+    """Slots are filled by add_request; the real GPUModelRunner.sample (wrapped by the plugin)
+    computes the logits, and each logits row is steered with its own slot's values. Rows come
+    in any slot order, a request may own several rows (speculative decoding), and -1 marks
+    padding."""
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    req_states = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=8, vocab_size=49152,
+                                        all_token_ids=None, prompt_len=None, prefill_len=None, total_len=None)
+    proc = SteerLogitsProcessor(stand_in_config(v2=True), req_states)
+    slot_xargs = {3: {"steer_alpha": 5}, 0: None, 5: {"steer_alpha": [1, -2], "steer_beta": 4}, 6: {"steer_beta": -3}}
+    for slot, xargs in slot_xargs.items():
+        assert proc.add_request(slot, SamplingParams(extra_args=xargs)) is False
+    proc.apply_staged_writes()
+    rows = [3, 0, 5, 5, 6, -1]
+    h = torch.randn(len(rows), 576)
+    steered = run_real_sample(GPUModelRunner, h, rows)
+    for i, slot in enumerate(rows):
+        want = expected_row(h[i], served, slot_xargs.get(slot))
+        torch.testing.assert_close(steered[i].double(), want, rtol=1e-5, atol=1e-4)
+    assert torch.equal(steered[1], h[1]) and torch.equal(steered[5], h[5])
+    # A recycled slot is fully re-initialised: slot 3's next occupant is unsteered.
+    proc.add_request(3, SamplingParams())
+    proc.apply_staged_writes()
+    assert torch.equal(run_real_sample(GPUModelRunner, h, rows)[0], h[0])
+    # A step whose requests are all unsteered skips the op.
+    assert torch.equal(run_real_sample(GPUModelRunner, h[:2], [3, 0]), h[:2])
+
+
+class _LogitsComputed(Exception):
+    pass
+
+
+def run_real_sample(runner_cls, h, rows):
+    """Call the real (wrapped) GPUModelRunner.sample up to its logits computation and return
+    the hidden states the steered layer produced for the LM head."""
+    seen = {}
+
+    def compute_logits(hidden):
+        seen["h"] = _STEP.take(hidden)
+        raise _LogitsComputed
+
+    runner = SimpleNamespace(batch_sharder=None, model=SimpleNamespace(compute_logits=compute_logits))
+    mapping = torch.tensor(rows)
+    real_slots = sorted({r for r in rows if r >= 0}, key=rows.index)
+    batch = SimpleNamespace(logits_indices=torch.arange(len(rows)), expanded_idx_mapping=mapping,
+                            idx_mapping_np=torch.tensor(real_slots).numpy(), num_reqs=len(real_slots))
+    with pytest.raises(_LogitsComputed):
+        runner_cls.sample(runner, h, batch, None)
+    return seen["h"]
+
+
+def test_v1_table_follows_batch_updates(served):
+    """Random add/remove/move/swap sequences, applied in vLLM's order (removed, added,
+    moved), leave every row holding its own request's values."""
+    proc = SteerLogitsProcessor(stand_in_config(v2=False, max_num_seqs=16), torch.device("cpu"), False)
+    rng = random.Random(0)
+    model: list[dict | None] = []  # what each row of the persistent batch should hold
+    choices = [None, {"steer_alpha": 2}, {"steer_beta": -1}, {"steer_alpha": -4, "steer_beta": 2}]
+    for _ in range(200):
+        removed = sorted(rng.sample(range(len(model)), k=min(len(model), rng.randint(0, 2))))
+        for row in removed:
+            model[row] = "hole"
+        added = []
+        for _ in range(rng.randint(0, 3)):
+            if len(model) >= 16 and "hole" not in model:
+                break
+            row = model.index("hole") if "hole" in model else len(model)
+            xargs = rng.choice(choices)
+            if row < len(model):
+                model[row] = xargs
+            else:
+                model.append(xargs)
+            added.append((row, SamplingParams(extra_args=xargs), None, []))
+        moved = []
+        while "hole" in model:  # condense: move the last live row into the first hole
+            hole = model.index("hole")
+            last = max(i for i, x in enumerate(model) if x != "hole")
+            if last < hole:
+                del model[hole:]
+                break
+            model[hole], model[last] = model[last], "hole"
+            moved.append((last, hole, MoveDirectionality.UNIDIRECTIONAL))
+        if len(model) >= 2 and rng.random() < 0.3:
+            a, b = rng.sample(range(len(model)), 2)
+            model[a], model[b] = model[b], model[a]
+            moved.append((a, b, MoveDirectionality.SWAP))
+        proc.update_state(BatchUpdate(batch_size=len(model), removed=removed, added=added, moved=moved))
+        for row, xargs in enumerate(model):
+            request = integration.parse_steer_args(xargs, proc.table.config.catalog, 50)
+            want = proc.table.bank.row_values(request)
+            assert proc.table.host[row].tolist() == pytest.approx(want), (row, xargs)
+        assert _STEP.armed_rows == len(model)
+        assert _STEP.steered == any(bool(x) for x in model)
