@@ -27,5 +27,7 @@ setup(
     entry_points={
         "console_scripts": ["vllm-steer = vllm_steer.cli:main"],
         "vllm.general_plugins": ["vllm_steer = vllm_steer.vllm_integration:register_plugin"],
+        # Loaded only where VLLM_PLUGINS names vllm_steer (vLLM's opt-in for new HTTP routes).
+        "vllm.endpoint_plugins": ["vllm_steer = vllm_steer.vllm_integration:SteerEndpoints"],
     },
 )

@@ -162,7 +162,8 @@ def write_results(data: dict, tag: str) -> None:
     (RESULTS / f"throughput_{tag}.json").write_text(json.dumps(data, indent=2))
     med = {k: {int(bs): statistics.median(v) for bs, v in per.items()} for k, per in data["vllm"].items()}
     lines = [f"# End-to-end throughput ({tag})", "",
-             f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} threads; torch {data['machine']['torch']}, "
+             f"Machine: {data['machine']['cpu']}, {data['machine']['cores']} threads; "
+             f"torch {data['machine']['torch']}, "
              f"vLLM {data['machine']['vllm']}; {data['machine']['date']}. Default model (SmolLM2-135M-Instruct), "
              f"float32, {data['args']['prompt_tokens']}-token prompts, {data['args']['output_tokens']} new tokens, "
              f"median of {data['args']['repeats']} repeats. Steers: 2 x (K=2, r=D=576).", "",

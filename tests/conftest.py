@@ -26,6 +26,8 @@ from vllm_steer.server_process import (
 ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-caching", "--enable-chunked-prefill",
                "--max-num-batched-tokens", "128", "--seed", "0"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+# The session's steer server also runs the runtime registry, and bounds beta more tightly.
+STEER_SERVER_ARGS = ["--allow-runtime-updates", "--steer-bound", "beta=20"]
 # Large enough that +-5 changes greedy text, small enough that it stays text: at s=5 the
 # steer moves h by roughly a fifth of its norm (eps * s * sigma^2 * sqrt(r * D) ~ 0.2).
 STEER_SIGMA = 0.45
@@ -72,7 +74,7 @@ def servers(model_dir, steer_paths, tmp_path_factory):
     """The vllm-steer server and, for comparison, plain vLLM without the plugin; started
     side by side to share the start-up wait."""
     logs = tmp_path_factory.mktemp("logs")
-    steer = ServerProcess(steer_server_command(str(model_dir), steer_paths, *ENGINE_ARGS),
+    steer = ServerProcess(steer_server_command(str(model_dir), steer_paths, *STEER_SERVER_ARGS, *ENGINE_ARGS),
                           logs / "steer_server.log", env=SERVER_ENV)
     plain = ServerProcess(plain_server_command(str(model_dir), *ENGINE_ARGS), logs / "plain_server.log",
                           env={**SERVER_ENV, "VLLM_PLUGINS": ""})

@@ -17,14 +17,30 @@ def cmd_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     directly: the CPU wheel's `vllm serve` cannot find its own distribution."""
     from .steer_file import SteerFile
 
-    config = SteerConfig.from_specs(args.steer, max_abs_value=args.max_abs_value)
+    config = SteerConfig.from_specs(args.steer, args.steer_bound, max_abs_value=args.max_abs_value)
     for name, path in config.steers.items():
         SteerFile.load(path)  # fail here, in a second, rather than after the engine starts
-        print(f"vllm-steer: steer {name!r} <- {path}", file=sys.stderr)
+        print(f"vllm-steer: steer {name!r} <- {path} (|value| <= {config.value_bounds[name]:g})", file=sys.stderr)
     config.export()
+    if args.steer_endpoints or args.allow_runtime_updates:
+        os.environ["VLLM_PLUGINS"] = plugins_allowlist_with_steer_endpoints(os.environ.get("VLLM_PLUGINS"))
+    if args.allow_runtime_updates:
+        os.environ["VLLM_STEER_ALLOW_RUNTIME_UPDATES"] = "1"
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
             "--logits-processors", STATE_PROCESSOR, *vllm_args]
     os.execv(sys.executable, argv)
+
+
+def plugins_allowlist_with_steer_endpoints(current: str | None) -> str:
+    """VLLM_PLUGINS that also opts in to vllm-steer's HTTP routes. Unset means "every general
+    plugin", so that list is spelled out rather than narrowed to ours."""
+    from importlib.metadata import entry_points
+
+    if current is None:
+        names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    else:
+        names = current.split(",")
+    return ",".join(dict.fromkeys([n for n in names if n] + ["vllm_steer"]))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -61,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load a steer file under NAME; requests use it with vllm_xargs {'steer_NAME': value}")
     p.add_argument("--max-abs-value", type=float, default=SteerConfig.max_abs_value,
                    help="largest |steer value| a request may ask for (default %(default)s)")
+    p.add_argument("--steer-bound", action="append", default=[], metavar="NAME=BOUND",
+                   help="a bound for one steer, overriding the file's and --max-abs-value")
+    p.add_argument("--steer-endpoints", action="store_true", help="serve GET /v1/steers (lists the loaded steers)")
+    p.add_argument("--allow-runtime-updates", action="store_true",
+                   help="also serve POST /v1/load_steer and /v1/unload_steer (implies --steer-endpoints)")
     p.set_defaults(func=cmd_serve, passthrough=True)
 
     p = sub.add_parser("convert", help="import a reference LM-Steer checkpoint (.pt) as a steer file")

@@ -21,40 +21,60 @@ DEFAULT_MAX_ABS_VALUE = 50.0
 
 @dataclass(frozen=True)
 class SteerConfig:
-    """steers: name -> steer file path; max_abs_value: the largest |value| a request may ask for."""
+    """steers: name -> steer file path; max_abs_value: the largest |value| a request may ask
+    for; bounds: the operator's tighter or looser bound for particular steers."""
 
     steers: dict[str, str] = field(default_factory=dict)
     max_abs_value: float = DEFAULT_MAX_ABS_VALUE
+    bounds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for name in self.steers:
             if not NAME_PATTERN.match(name):
                 raise ValueError(f"steer name {name!r} must be letters, digits and underscores")
-        if not self.max_abs_value > 0:
-            raise ValueError(f"max_abs_value must be positive, got {self.max_abs_value}")
+        for name, bound in {"max_abs_value": self.max_abs_value, **self.bounds}.items():
+            if not (isinstance(bound, (int, float)) and 0 < bound < float("inf")):
+                raise ValueError(f"the bound for {name} must be a positive finite number, got {bound}")
+        unknown = set(self.bounds) - set(self.steers)
+        if unknown:
+            raise ValueError(f"bounds given for steers that are not loaded: {sorted(unknown)}")
+
+    @cached_property
+    def value_bounds(self) -> dict[str, float]:
+        """Each steer's bound: the operator's if given, else the file's, else max_abs_value."""
+        return {name: self.bounds.get(name) or header.max_abs_value or self.max_abs_value
+                for name, header in self.catalog.items()}
+
+    def with_steer(self, name: str, path: str, bound: float | None = None) -> SteerConfig:
+        if name in self.steers:
+            raise ValueError(f"a steer named {name!r} is already loaded")
+        bounds = {**self.bounds, **({name: bound} if bound is not None else {})}
+        return SteerConfig({**self.steers, name: str(Path(path).resolve())}, self.max_abs_value, bounds)
+
+    def without_steer(self, name: str) -> SteerConfig:
+        if name not in self.steers:
+            raise KeyError(name)
+        return SteerConfig({n: p for n, p in self.steers.items() if n != name}, self.max_abs_value,
+                           {n: b for n, b in self.bounds.items() if n != name})
 
     @classmethod
-    def from_specs(cls, specs: list[str], **kwargs: float) -> SteerConfig:
-        """From NAME=PATH strings, as `vllm-steer serve --steer` takes them."""
-        steers: dict[str, str] = {}
-        for spec in specs:
-            name, sep, path = spec.partition("=")
-            if not sep or not name or not path:
-                raise ValueError(f"--steer expects NAME=PATH, got {spec!r}")
-            if name in steers:
-                raise ValueError(f"steer {name!r} given twice")
-            steers[name] = str(Path(path).resolve())
-        return cls(steers=steers, **kwargs)
+    def from_specs(cls, specs: list[str], bound_specs: list[str] = (), **kwargs: float) -> SteerConfig:
+        """From NAME=PATH strings (`vllm-steer serve --steer`) and NAME=BOUND strings
+        (`--steer-bound`)."""
+        steers = _name_value_pairs(specs, "--steer", "NAME=PATH")
+        bounds = {name: float(v) for name, v in _name_value_pairs(bound_specs, "--steer-bound", "NAME=BOUND").items()}
+        return cls(steers={n: str(Path(p).resolve()) for n, p in steers.items()}, bounds=bounds, **kwargs)
 
     def to_json(self) -> str:
-        return json.dumps({"steers": self.steers, "max_abs_value": self.max_abs_value})
+        return json.dumps({"steers": self.steers, "max_abs_value": self.max_abs_value, "bounds": self.bounds})
 
     @classmethod
     def from_json(cls, text: str) -> SteerConfig:
         try:
             data = json.loads(text)
             return cls(steers=dict(data.get("steers", {})),
-                       max_abs_value=float(data.get("max_abs_value", DEFAULT_MAX_ABS_VALUE)))
+                       max_abs_value=float(data.get("max_abs_value", DEFAULT_MAX_ABS_VALUE)),
+                       bounds={n: float(b) for n, b in data.get("bounds", {}).items()})
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{ENV_VAR} is not valid steer configuration JSON: {e}") from None
 
@@ -77,3 +97,15 @@ class SteerConfig:
 
     def load_bank(self) -> SteerBank:
         return SteerBank(self.load_steers())
+
+
+def _name_value_pairs(specs: list[str], flag: str, form: str) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{flag} expects {form}, got {spec!r}")
+        if name in pairs:
+            raise ValueError(f"{flag}: {name!r} given twice")
+        pairs[name] = value
+    return pairs

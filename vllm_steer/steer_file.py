@@ -47,6 +47,7 @@ class SteerHeader:
     fingerprint: dict[str, Any] | None = None
     recipe: dict[str, Any] | None = None
     source: str | None = None
+    max_abs_value: float | None = None  # the largest |value| the maker vouches for; servers enforce it
 
     @property
     def num_dims(self) -> int:
@@ -71,6 +72,8 @@ class SteerHeader:
                 raise SteerFileError(f"bias dim {name!r} has a non-finite value {value}")
         if not (math.isfinite(self.epsilon) and self.epsilon > 0):
             raise SteerFileError(f"epsilon must be a positive finite number, got {self.epsilon}")
+        if self.max_abs_value is not None and not (math.isfinite(self.max_abs_value) and self.max_abs_value > 0):
+            raise SteerFileError(f"max_abs_value must be a positive finite number, got {self.max_abs_value}")
         if self.hidden_size <= 0 or self.rank <= 0:
             raise SteerFileError(f"hidden_size and rank must be positive, got {self.hidden_size}, {self.rank}")
 
@@ -99,7 +102,8 @@ class SteerHeader:
             "rank": str(self.rank),
             "num_dims": str(self.num_dims),
         }
-        optional = {"base_model": self.base_model, "source": self.source}
+        optional = {"base_model": self.base_model, "source": self.source,
+                    "max_abs_value": None if self.max_abs_value is None else repr(float(self.max_abs_value))}
         meta.update({k: v for k, v in optional.items() if v is not None})
         for key in ("fingerprint", "recipe"):
             if getattr(self, key) is not None:
@@ -126,6 +130,7 @@ class SteerHeader:
                 fingerprint=json.loads(meta["fingerprint"]) if "fingerprint" in meta else None,
                 recipe=json.loads(meta["recipe"]) if "recipe" in meta else None,
                 source=meta.get("source"),
+                max_abs_value=float(meta["max_abs_value"]) if "max_abs_value" in meta else None,
             )
         except SteerFileError as e:
             raise SteerFileError(f"{where}: {e}") from None

@@ -12,7 +12,12 @@ STEER_KEY_PREFIX = "steer_"
 
 
 class SteerRequestError(ValueError):
-    """A request's steer values are malformed; the server answers HTTP 400 with this text."""
+    """A request's steer values are malformed; the server answers HTTP 400 with this text.
+    `reason` is a short label for metrics."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def steer_args(**values: float | list[float]) -> dict[str, float | list[float]]:
@@ -24,21 +29,23 @@ def steer_args(**values: float | list[float]) -> dict[str, float | list[float]]:
 def _check_number(value: Any, where: str, max_abs_value: float) -> float:
     # bool is an int subclass; a JSON `true` is already 1 by the time it gets here.
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise SteerRequestError(f"{where} must be a number, got {type(value).__name__} {value!r}")
+        raise SteerRequestError(f"{where} must be a number, got {type(value).__name__} {value!r}", "not_a_number")
     if not math.isfinite(value):
-        raise SteerRequestError(f"{where} must be finite, got {value}")
+        raise SteerRequestError(f"{where} must be finite, got {value}", "non_finite")
     if abs(value) > max_abs_value:
-        raise SteerRequestError(f"{where} = {value} is beyond the allowed range [-{max_abs_value}, {max_abs_value}]")
+        raise SteerRequestError(
+            f"{where} = {value} is beyond the allowed range [-{max_abs_value}, {max_abs_value}]", "out_of_range")
     return float(value)
 
 
 def parse_steer_args(
     extra_args: dict[str, Any] | None,
     catalog: dict[str, SteerHeader],
-    max_abs_value: float,
+    max_abs_value: float | dict[str, float],
 ) -> dict[str, list[float]]:
     """{steer name: its K values} for the request's `steer_<name>` keys; other keys are
-    left to whoever owns them. Raises SteerRequestError naming the problem."""
+    left to whoever owns them. `max_abs_value` is one bound for all steers or one per steer.
+    Raises SteerRequestError naming the problem."""
     request: dict[str, list[float]] = {}
     for key, value in (extra_args or {}).items():
         if not (isinstance(key, str) and key.startswith(STEER_KEY_PREFIX)):
@@ -47,17 +54,19 @@ def parse_steer_args(
         header = catalog.get(name)
         if header is None:
             loaded = ", ".join(sorted(catalog)) or "none"
-            raise SteerRequestError(f"unknown steer {name!r} (vllm_xargs key {key!r}); loaded steers: {loaded}")
+            raise SteerRequestError(
+                f"unknown steer {name!r} (vllm_xargs key {key!r}); loaded steers: {loaded}", "unknown_steer")
+        bound = max_abs_value[name] if isinstance(max_abs_value, dict) else max_abs_value
         if isinstance(value, list):
             if len(value) != header.num_dims:
                 raise SteerRequestError(
                     f"{key} expects a number or a list of {header.num_dims} numbers "
-                    f"({', '.join(header.dim_names)}), got a list of {len(value)}"
-                )
-            value = [_check_number(v, f"{key}[{i}]", max_abs_value) for i, v in enumerate(value)]
+                    f"({', '.join(header.dim_names)}), got a list of {len(value)}", "wrong_length")
+            value = [_check_number(v, f"{key}[{i}]", bound) for i, v in enumerate(value)]
         else:
             if isinstance(value, str):
-                raise SteerRequestError(f"{key} must be a number or a list of numbers, got the string {value!r}")
-            value = _check_number(value, key, max_abs_value)
+                raise SteerRequestError(
+                    f"{key} must be a number or a list of numbers, got the string {value!r}", "not_a_number")
+            value = _check_number(value, key, bound)
         request[name] = header.steer_vector(value)
     return request

@@ -21,14 +21,20 @@ Both model runners are supported:
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import vllm
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from vllm import SamplingParams
 from vllm.config import VllmConfig
 from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
@@ -40,7 +46,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 from .kernels import steer_hidden
 from .steer_bank import SteerBank
 from .steer_config import ENV_VAR, SteerConfig
-from .steer_file import SteerFileError, check_fits_model, fingerprint_mismatch
+from .steer_file import SteerFile, SteerFileError, check_fits_model, fingerprint_mismatch
 from .steer_request import STEER_KEY_PREFIX, SteerRequestError, parse_steer_args
 
 logger = logging.getLogger("vllm_steer")
@@ -80,6 +86,11 @@ def register_plugin() -> None:
     if current is not None:
         raise RuntimeError(f"another plugin already replaced vLLM's LogitsProcessor layer: {current}")
     PluggableLayer.register_oot(SteeredLogitsLayer, name=OOT_LAYER_NAME)
+    # The engine-side half of the runtime registry: a worker method collective_rpc can name
+    # (callables would need VLLM_ALLOW_INSECURE_SERIALIZATION).
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    WorkerBase.vllm_steer_reconfigure = _reconfigure_worker
 
 
 def served_config() -> SteerConfig:
@@ -97,21 +108,75 @@ def served_config() -> SteerConfig:
 _SERVED_CONFIG: SteerConfig | None = None
 
 
+def _set_served_config(config: SteerConfig) -> None:
+    global _SERVED_CONFIG
+    _SERVED_CONFIG = config
+
+
+class _SteerMetrics:
+    """Prometheus metrics, counted in the API front end at request admission and served on
+    vLLM's own /metrics."""
+
+    def __init__(self) -> None:
+        from prometheus_client import Counter, Histogram
+
+        self.requests = Counter("vllm_steer_requests", "Admitted requests that use a steer, by steer", ["steer"])
+        self.values = Histogram("vllm_steer_value", "Primary-dim value of admitted steered requests", ["steer"],
+                                buckets=(-20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20))
+        self.rejected = Counter("vllm_steer_rejected", "Requests refused for their steer values, by reason",
+                                ["reason"])
+
+
+METRICS = _SteerMetrics()
+
+
 class SteerTable:
     """Each request's steer values, eps folded in, by row (MRV1) or slot (MRV2): a host
     table written as requests arrive and a device copy the step reads. The extra last row
     stays zero, so an index of -1 (MRV2's padding) reads as unsteered."""
 
-    def __init__(self, config: SteerConfig, bank: SteerBank, capacity: int, device: torch.device) -> None:
-        self.config, self.bank = config, bank
+    # An unloaded steer stays usable this long for requests admitted just before the unload
+    # that the scheduler has not placed yet, and after that while any row still holds it.
+    RETIRE_GRACE_S = 120.0
+
+    def __init__(self, config: SteerConfig, files: dict[str, SteerFile], capacity: int,
+                 device: torch.device) -> None:
+        self.config, self.files, self.device_type = config, files, torch.device(device)
+        self.bank = SteerBank(files).to(device, torch.float32)
+        self.retired: dict[str, float] = {}  # unloaded steers still served: name -> time of unload
         # Pageable, not pinned: a copy from pageable memory has read the source before it
         # returns, so the host may rewrite this table while the GPU is still behind.
-        self.host = torch.zeros(capacity + 1, bank.num_dims, dtype=torch.float32)
+        self.host = torch.zeros(capacity + 1, self.bank.num_dims, dtype=torch.float32)
         self.device = self.host if device.type == "cpu" else torch.zeros_like(self.host, device=device)
         self.steered = np.zeros(capacity + 1, dtype=bool)
 
+    def in_use(self, name: str) -> bool:
+        start = self.bank.offsets[name]
+        return bool(self.host[:, start:start + self.files[name].header.num_dims].any())
+
+    def reconfigured(self, served: SteerConfig, new_files: dict[str, SteerFile]) -> SteerTable:
+        """A table serving `served`: `new_files` added, unloaded steers retired (kept while
+        recently unloaded or still in use), every row's values for kept steers carried over."""
+        now = time.monotonic()
+        retired = {n: self.retired.get(n, now) for n in self.files if n not in served.steers}
+        retired = {n: t for n, t in retired.items() if now - t < self.RETIRE_GRACE_S or self.in_use(n)}
+        kept = [n for n in self.files if n in served.steers or n in retired]
+        files = {**{n: self.files[n] for n in kept}, **new_files}
+        steers = {n: self.config.steers.get(n) or served.steers[n] for n in files}
+        bounds = {n: served.value_bounds.get(n) or self.config.value_bounds[n] for n in files}
+        config = SteerConfig(steers, served.max_abs_value, bounds)
+        table = SteerTable(config, files, self.host.shape[0] - 1, self.device_type)
+        table.retired = retired
+        for name in kept:
+            old, new, k = self.bank.offsets[name], table.bank.offsets[name], files[name].header.num_dims
+            table.host[:, new:new + k] = self.host[:, old:old + k]
+        table.steered[:] = self.steered
+        table.flush()
+        return table
+
     def set(self, index: int, params: SamplingParams) -> None:
-        request = parse_steer_args(params.extra_args, self.config.catalog, self.config.max_abs_value)
+        # Validated in the front end already; parsed again here against this table's steers.
+        request = parse_steer_args(params.extra_args, self.config.catalog, self.config.value_bounds)
         values = self.bank.row_values(request) if request else [0.0] * self.bank.num_dims
         self.host[index] = torch.tensor(values, dtype=torch.float32)
         self.steered[index] = any(values)
@@ -144,23 +209,28 @@ class _StepState:
     row_to_index: torch.Tensor | None = None  # MRV2: logits row -> slot; MRV1: None (row i is row i)
     layer_seen: bool = False  # set by the steered layer's first call: it is in the model
     vocab_size: int = 0
+    lm_head: torch.nn.Module | None = None  # kept to check steers loaded at run time
 
     def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
         self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
         if steered and not self.layer_seen:
             raise RuntimeError("vllm-steer: the model has no steered logits layer; refusing to serve unsteered")
 
-    def check_model(self, lm_head: torch.nn.Module, hidden_size: int) -> None:
+    def check_model(self, lm_head: torch.nn.Module) -> None:
         """Once, at the first logits computation (vLLM's start-up profile run): each steer
         must fit this model's output embedding, or the server does not start."""
-        self.layer_seen = True
-        weight = getattr(lm_head, "weight", None)
-        shard = getattr(lm_head, "shard_indices", None)
+        self.layer_seen, self.lm_head = True, lm_head
+        self.check_fingerprints(self.table.config)
+
+    def check_fingerprints(self, config: SteerConfig, names: list[str] | None = None) -> None:
+        weight = getattr(self.lm_head, "weight", None)
+        shard = getattr(self.lm_head, "shard_indices", None)
+        hidden_size = self.table.bank.hidden_size
         if weight is None or weight.dim() != 2 or weight.shape[1] != hidden_size or shard is None:
             logger.warning("vllm-steer: the LM head is not a plain [V, D] weight; embedding fingerprints not checked")
             return
-        config = served_config()
-        for name, header in config.catalog.items():
+        for name in names if names is not None else list(config.steers):
+            header = config.catalog[name]
             if header.fingerprint is None:
                 continue
             problem = fingerprint_mismatch(header.fingerprint, weight[: shard.num_org_elements],
@@ -205,7 +275,7 @@ class SteeredLogitsLayer(VllmLogitsLayer):
     ) -> torch.Tensor | None:
         if _STEP.table is not None:
             if not _STEP.layer_seen:
-                _STEP.check_model(lm_head, _STEP.table.bank.hidden_size)
+                _STEP.check_model(lm_head)
             hidden_states = _STEP.take(hidden_states)
         return VllmLogitsLayer.forward(self, lm_head, hidden_states, embedding_bias, skip_gather)
 
@@ -249,9 +319,17 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         if not extra or not any(isinstance(k, str) and k.startswith(STEER_KEY_PREFIX) for k in extra):
             return
         config = served_config()
-        request = parse_steer_args(extra, config.catalog, config.max_abs_value)
-        if request and sampling_params.prompt_logprobs is not None:
-            raise SteerRequestError("prompt_logprobs cannot be combined with steering (they would be unsteered)")
+        try:
+            request = parse_steer_args(extra, config.catalog, config.value_bounds)
+            if request and sampling_params.prompt_logprobs is not None:
+                raise SteerRequestError("prompt_logprobs cannot be combined with steering (they would be unsteered)",
+                                        "prompt_logprobs")
+        except SteerRequestError as e:
+            METRICS.rejected.labels(reason=e.reason).inc()
+            raise
+        for name, values in request.items():
+            METRICS.requests.labels(steer=name).inc()
+            METRICS.values.labels(steer=name).observe(values[config.catalog[name].primary_index])
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: object) -> None:
         """MRV1 passes (device, is_pin_memory); MRV2 passes (req_states)."""
@@ -269,17 +347,20 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             device, _ = runner_args
             capacity = vllm_config.scheduler_config.max_num_seqs
         config = served_config()
-        hidden_size = vllm_config.model_config.get_hidden_size()
-        for name, header in config.catalog.items():
-            check_fits_model(header, hidden_size, f"steer {name!r} ({config.steers[name]})")
-        bank = config.load_bank().to(device, torch.float32)
-        self.table = SteerTable(config, bank, capacity, torch.device(device))
+        files = load_fitting_steers(config, list(config.steers), vllm_config.model_config.get_hidden_size())
         self.batch_size = 0
         self.steered = False
         self.staged = False
-        _STEP.table, _STEP.vocab_size = self.table, vllm_config.model_config.get_vocab_size()
+        _STEP.table = SteerTable(config, files, capacity, torch.device(device))
+        _STEP.vocab_size = vllm_config.model_config.get_vocab_size()
+        bank = _STEP.table.bank
         logger.info("vllm-steer: loaded steers %s (K_total=%d, R=%d, %s)", ", ".join(config.steers),
                     bank.num_dims, bank.total_rank, "model runner V2" if self.v2 else "legacy model runner")
+
+    @property
+    def table(self) -> SteerTable:
+        # Not kept on self: a runtime load or unload replaces the process's table.
+        return _STEP.table
 
     # -- legacy model runner (V1 interface): rows of the persistent batch
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -317,3 +398,111 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
 
     def apply(self, logits: torch.Tensor, ctx: object = None) -> torch.Tensor:
         return logits
+
+
+def load_fitting_steers(config: SteerConfig, names: list[str], hidden_size: int) -> dict[str, SteerFile]:
+    for name in names:
+        check_fits_model(config.catalog[name], hidden_size, f"steer {name!r} ({config.steers[name]})")
+    return {name: SteerFile.load(config.steers[name]) for name in names}
+
+
+def _reconfigure_worker(worker: object, config_json: str) -> dict:
+    """The worker half of load/unload, run in every worker through collective_rpc between
+    engine steps: serve the new steer set from the next step on. Raises (and changes
+    nothing) if an added steer does not fit the model."""
+    table = _STEP.table
+    if table is None:
+        raise RuntimeError("vllm-steer is not active in this worker (no SteerLogitsProcessor)")
+    served = SteerConfig.from_json(config_json)
+    added = [n for n in served.steers if n not in table.files]
+    files = load_fitting_steers(served, added, table.bank.hidden_size)
+    _STEP.check_fingerprints(served, added)
+    _STEP.table = table.reconfigured(served, files)
+    return {"steers": list(_STEP.table.files), "retired": list(_STEP.table.retired)}
+
+
+# ----------------------------------------------------------------- runtime steer registry (HTTP)
+
+RUNTIME_UPDATES_ENV = "VLLM_STEER_ALLOW_RUNTIME_UPDATES"
+_REGISTRY_LOCK = asyncio.Lock()
+
+
+def runtime_updates_allowed() -> bool:
+    return os.environ.get(RUNTIME_UPDATES_ENV, "").lower() in ("1", "true")
+
+
+def describe_steers(config: SteerConfig) -> list[dict]:
+    return [{"name": name, "path": config.steers[name], "dim_names": list(h.dim_names), "primary_dim": h.primary_dim,
+             "bias_dims": h.bias_dims, "epsilon": h.epsilon, "rank": h.rank, "hidden_size": h.hidden_size,
+             "base_model": h.base_model, "max_abs_value": config.value_bounds[name],
+             "fingerprint": h.fingerprint is not None}
+            for name, h in config.catalog.items()]
+
+
+class LoadSteerRequest(BaseModel):
+    name: str
+    path: str
+    max_abs_value: float | None = None
+
+
+class UnloadSteerRequest(BaseModel):
+    name: str
+
+
+class SteerEndpoints:
+    """The `vllm.endpoint_plugins` entry point (loaded only when VLLM_PLUGINS names
+    vllm_steer): GET /v1/steers always; POST /v1/load_steer and /v1/unload_steer only with
+    VLLM_STEER_ALLOW_RUNTIME_UPDATES=1, as vLLM gates runtime LoRA updates."""
+
+    name = "vllm_steer"
+    required_tasks = ("generate",)
+
+    def attach_router(self, app: FastAPI) -> None:
+        def error(status: int, message: str) -> JSONResponse:
+            return JSONResponse({"error": {"message": message, "type": "BadRequestError" if status == 400
+                                           else "NotFoundError", "code": status}}, status_code=status)
+
+        router = APIRouter()
+
+        @router.get("/v1/steers")
+        async def list_steers() -> dict:
+            return {"object": "list", "data": describe_steers(served_config())}
+
+        if runtime_updates_allowed():
+
+            @router.post("/v1/load_steer")
+            async def load_steer(body: LoadSteerRequest, raw: Request):
+                async with _REGISTRY_LOCK:
+                    current = served_config()
+                    try:
+                        new = current.with_steer(body.name, body.path, body.max_abs_value)
+                        SteerFile.load(new.steers[body.name])  # shapes, NaN, format: before any worker sees it
+                        new.value_bounds  # noqa: B018 (reads the header, checks the bound)
+                    except (ValueError, OSError) as e:
+                        return error(400, f"cannot load steer {body.name!r}: {e}")
+                    try:
+                        await raw.app.state.vllm_steer_engine.collective_rpc(
+                            "vllm_steer_reconfigure", args=(new.to_json(),))
+                    except Exception as e:  # the workers refused it (hidden size, fingerprint): nothing changed
+                        return error(400, f"cannot load steer {body.name!r}: {e}")
+                    _set_served_config(new)
+                    return {"loaded": body.name, "steers": list(new.steers)}
+
+            @router.post("/v1/unload_steer")
+            async def unload_steer(body: UnloadSteerRequest, raw: Request):
+                async with _REGISTRY_LOCK:
+                    current = served_config()
+                    if body.name not in current.steers:
+                        return error(404, f"no steer named {body.name!r} is loaded")
+                    new = current.without_steer(body.name)
+                    # The front end first: from now on requests naming it are refused; requests
+                    # already admitted keep it until they finish.
+                    _set_served_config(new)
+                    await raw.app.state.vllm_steer_engine.collective_rpc(
+                        "vllm_steer_reconfigure", args=(new.to_json(),))
+                    return {"unloaded": body.name, "steers": list(new.steers)}
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        state.vllm_steer_engine = engine_client
