@@ -142,7 +142,7 @@ class SteerTable:
     def __init__(self, config: SteerConfig, files: dict[str, SteerFile], capacity: int,
                  device: torch.device) -> None:
         self.config, self.files, self.device_type = config, files, torch.device(device)
-        self.bank = SteerBank(files).to(device, torch.float32)
+        self.bank = SteerBank(files)  # moved to the model's device and dtype at first use
         self.retired: dict[str, float] = {}  # unloaded steers still served: name -> time of unload
         # Pageable, not pinned: a copy from pageable memory has read the source before it
         # returns, so the host may rewrite this table while the GPU is still behind.
@@ -250,8 +250,14 @@ class _StepState:
         if not self.steered:
             return hidden_states
         table, bank = self.table, self.table.bank
-        if bank.down.device != hidden_states.device:
-            bank.to(hidden_states.device, torch.float32)
+        # fp32 weights (exact, and what the CPU torch op computes in anyway), except on a GPU
+        # serving a half-precision model, where the kernel reads the weights in the model's
+        # dtype: half the bytes, and within the rounding the model's own hidden state has.
+        weight_dtype = hidden_states.dtype if hidden_states.is_cuda else torch.float32
+        if weight_dtype not in (torch.bfloat16, torch.float16):
+            weight_dtype = torch.float32
+        if bank.down.device != hidden_states.device or bank.down.dtype != weight_dtype:
+            bank.to(hidden_states.device, weight_dtype)
         rows = hidden_states.shape[0]
         values = table.device[:rows] if self.row_to_index is None else table.device[self.row_to_index]
         return steer_hidden(hidden_states, bank.down, bank.up, bank.col_dim, values)
