@@ -11,6 +11,7 @@ from steer_toy import NEGATIVE, POSITIVE, make_toy_model, toy_sentiment_rows
 
 from vllm_steer import SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
+from vllm_steer.training import LabelledText as Text
 from vllm_steer.training import (
     TrainConfig,
     build_cache,
@@ -28,7 +29,6 @@ from vllm_steer.training import (
     train_on_cache,
     training_vectors,
 )
-from vllm_steer.training import LabelledText as Text
 
 
 @pytest.fixture(scope="module")
