@@ -99,13 +99,16 @@ async def run_load(url: str, prompts: list[list[int]], xargs: list[dict | None],
     return tokens / elapsed
 
 
-def bench_server(server: ServerProcess, kinds: list[str], args, prompts) -> dict:
-    """tokens/s per kind and batch size, the kinds interleaved within each repeat."""
-    asyncio.run(run_load(server.url, prompts[:8], [None] * 8, 8))  # warm-up
-    out = {k: {bs: [] for bs in args.batch_sizes} for k in kinds}
+def bench_servers(servers: dict[str, ServerProcess], args, prompts) -> dict:
+    """tokens/s per kind and batch size. Both servers stay up and the kinds take turns within
+    every repeat, so drifts in machine load fall on all of them alike."""
+    for server in set(servers.values()):
+        warm = prompts[:8]
+        asyncio.run(run_load(server.url, warm, [None] * len(warm), 8))  # warm-up
+    out = {k: {bs: [] for bs in args.batch_sizes} for k in servers}
     for _ in range(args.repeats):
         for bs in args.batch_sizes:
-            for kind in kinds:
+            for kind, server in servers.items():
                 tps = asyncio.run(run_load(server.url, prompts[:bs], workload_xargs(kind, bs), args.output_tokens))
                 out[kind][bs].append(tps)
                 print(f"  {kind:>10} bs={bs:<4} {tps:8.1f} tok/s", flush=True)
@@ -142,6 +145,7 @@ def bench_reference(model_dir: Path, steer_path: str, prompts: list[list[int]], 
 
     values = [round(-5 + 10 * i / max(batch - 1, 1), 3) for i in range(batch)]
     result = {"shared_value": [], "distinct_values": []}
+    generate(ids[:2])  # warm-up
     for _ in range(repeats):
         state["s"] = torch.tensor([5.0, 1.0])
         start = time.perf_counter()
@@ -228,14 +232,14 @@ def main() -> None:
     env = {"VLLM_CPU_KVCACHE_SPACE": "2"}
     with tempfile.TemporaryDirectory() as scratch:
         steers = make_steers(model_dir, Path(scratch))
-        print("(a) vLLM without the plugin", flush=True)
-        with ServerProcess(plain_server_command(str(model_dir), *engine), Path(scratch) / "plain.log",
-                           env={**env, "VLLM_PLUGINS": ""}) as server:
-            results = bench_server(server, ["plain"], args, prompts)
-        print("(b, c, d) vLLM with vllm-steer", flush=True)
-        with ServerProcess(steer_server_command(str(model_dir), steers, *engine), Path(scratch) / "steer.log",
-                           env=env) as server:
-            results.update(bench_server(server, ["unsteered", "steered", "composed"], args, prompts))
+        plain = ServerProcess(plain_server_command(str(model_dir), *engine), Path(scratch) / "plain.log",
+                              env={**env, "VLLM_PLUGINS": ""})
+        steered = ServerProcess(steer_server_command(str(model_dir), steers, *engine), Path(scratch) / "steer.log",
+                                env=env)
+        with plain, steered:
+            print("(a) vLLM without the plugin vs (b, c, d) with vllm-steer, interleaved", flush=True)
+            results = bench_servers({"plain": plain, "unsteered": steered, "steered": steered,
+                                     "composed": steered}, args, prompts)
         data = {"machine": machine(), "args": vars(args), "vllm": results}
         if not args.skip_reference:
             print("reference approach (HF transformers generate)", flush=True)
