@@ -106,9 +106,12 @@ def bench_servers(servers: dict[str, ServerProcess], args, prompts) -> dict:
         warm = prompts[:8]
         asyncio.run(run_load(server.url, warm, [None] * len(warm), 8))  # warm-up
     out = {k: {bs: [] for bs in args.batch_sizes} for k in servers}
-    for _ in range(args.repeats):
-        for bs in args.batch_sizes:
-            for kind, server in servers.items():
+    kinds = list(servers)
+    for repeat in range(args.repeats):
+        for i, bs in enumerate(args.batch_sizes):
+            shift = (repeat + i) % len(kinds)  # rotate the order: no kind always runs first
+            for kind in kinds[shift:] + kinds[:shift]:
+                server = servers[kind]
                 tps = asyncio.run(run_load(server.url, prompts[:bs], workload_xargs(kind, bs), args.output_tokens))
                 out[kind][bs].append(tps)
                 print(f"  {kind:>10} bs={bs:<4} {tps:8.1f} tok/s", flush=True)
@@ -216,7 +219,7 @@ def write_results(data: dict, tag: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32, 64, 128])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--reference-batch", type=int, default=32)
