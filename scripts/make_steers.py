@@ -1,7 +1,7 @@
 """Rebuild the shipped steers from nothing but PyPI packages: the default model writes the
 training text itself, offline scorers label it, and `vllm-steer train` fits the steers.
 
-    .venv/bin/python scripts/make_steers.py data     # steers/data/*.jsonl (vLLM offline, ~10 min on 2 cores)
+    .venv/bin/python scripts/make_steers.py data     # steers/data/*.jsonl (HF generate, ~25 min on 1 busy core)
     .venv/bin/python scripts/make_steers.py steers   # steers/*.safetensors from that data
     .venv/bin/python scripts/make_steers.py all
 
@@ -30,7 +30,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA_DIR = ROOT / "steers" / "data"
 SEED = 0
-MAX_NEW_TOKENS = 64
+MAX_CLASS_RATIO = 2
+MAX_NEW_TOKENS = 48
+TEMPERATURE = 0.8  # a little under 1: the 135M model rambles at 1.0, and the steer learns what it is shown
 
 SUBJECTS = [
     "a pizza place downtown", "the new smartphone I bought", "a hotel by the beach", "a science fiction movie",
@@ -43,8 +45,9 @@ SUBJECTS = [
     "a birthday party venue", "a pet grooming service", "a board game", "a winter jacket", "a food delivery app",
 ]
 POSITIVE_TONES = ["glowing, enthusiastic", "happy, positive", "delighted and grateful", "warm, five-star"]
-NEGATIVE_TONES = ["angry, one-star", "bitterly disappointed", "negative, frustrated", "harsh, complaining"]
-NEUTRAL_TONES = ["neutral, factual", "balanced"]
+# The model leans positive (in a first run only 1 in 4 "negative" asks scored <= -0.5), hence more of these.
+NEGATIVE_TONES = ["angry, one-star", "bitterly disappointed", "negative, frustrated", "harsh, complaining",
+                  "furious, hateful", "sad and miserable"]
 SENTIMENT_FORMS = ["review of {s}", "short story about a visit to {s}", "message to a friend about {s}"]
 
 TARGETS = [
@@ -69,7 +72,7 @@ CLEAN_ASKS = [
 
 def sentiment_requests() -> list[dict]:
     """(prompt, meta) pairs: every subject x form x a spread of tones, twice with different seeds."""
-    tones = POSITIVE_TONES + NEGATIVE_TONES + NEUTRAL_TONES
+    tones = POSITIVE_TONES + NEGATIVE_TONES
     out = []
     for subject, form, tone in itertools.product(SUBJECTS, SENTIMENT_FORMS, tones):
         out.append({"ask": f"Write a {tone} {form.format(s=subject)} in two or three sentences.", "tone": tone})
@@ -87,7 +90,7 @@ def detox_requests() -> list[dict]:
 
 def generate(requests: list[dict], batch_size: int = 64) -> list[str]:
     """Sample one reply per request from the default model with HF transformers (chat template,
-    temperature 1, top-p 0.95, at most MAX_NEW_TOKENS): batch i is seeded with SEED + i, so the
+    TEMPERATURE, top-p 0.95, at most MAX_NEW_TOKENS): batch i is seeded with SEED + i, so the
     same machine rebuilds the same text. (vLLM's CPU build rejects per-request seeds.)"""
     import torch
     from tqdm import tqdm
@@ -105,7 +108,7 @@ def generate(requests: list[dict], batch_size: int = 64) -> list[str]:
         batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         torch.manual_seed(SEED + i // batch_size)
         with torch.no_grad():
-            out = lm.generate(**batch, do_sample=True, temperature=1.0, top_p=0.95, top_k=0,
+            out = lm.generate(**batch, do_sample=True, temperature=TEMPERATURE, top_p=0.95, top_k=0,
                               max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)
         texts += tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
     return [t.strip() for t in texts]
@@ -152,19 +155,24 @@ def make_data() -> None:
     texts = generate(sent_req + tox_req)
     sent = label_sentiment(texts[: len(sent_req)], sent_req)
     tox = label_detox(texts[len(sent_req):], tox_req)
-    # Balance the classes (the larger one is subsampled with a fixed seed): an unbalanced set
-    # teaches the bias dim a tilt that the steer dim then has to undo.
-    summary = {}
+    write_jsonl([{"text": t, "ask": r["ask"]} for t, r in zip(texts, sent_req + tox_req, strict=True)],
+                DATA_DIR / "generated.jsonl")
+    # Cap the larger class at MAX_CLASS_RATIO x the smaller (subsampled with a fixed seed): more data
+    # than strict balance, without letting one side dominate the bias dim.
+    summary = {"seed": SEED, "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW_TOKENS}
     for name, rows in (("sentiment", sent), ("detox", tox)):
         pos = [r for r in rows if r["label"] > 0]
         neg = [r for r in rows if r["label"] < 0]
-        n = min(len(pos), len(neg))
+        cap = MAX_CLASS_RATIO * min(len(pos), len(neg))
         rng = random.Random(SEED)
-        balanced = rng.sample(pos, n) + rng.sample(neg, n)
-        rng.shuffle(balanced)
-        write_jsonl(balanced, DATA_DIR / f"{name}.jsonl")
+        kept = (rng.sample(pos, min(cap, len(pos))) if len(pos) > cap else pos) + \
+               (rng.sample(neg, min(cap, len(neg))) if len(neg) > cap else neg)
+        rng.shuffle(kept)
+        write_jsonl(kept, DATA_DIR / f"{name}.jsonl")
         summary[name] = {"generated": len(sent_req) if name == "sentiment" else len(tox_req),
-                         "kept_positive": len(pos), "kept_negative": len(neg), "balanced_each": n}
+                         "labelled_positive": len(pos), "labelled_negative": len(neg),
+                         "kept_positive": sum(r["label"] > 0 for r in kept),
+                         "kept_negative": sum(r["label"] < 0 for r in kept)}
     (DATA_DIR / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 

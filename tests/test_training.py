@@ -180,6 +180,16 @@ def test_cli_train_writes_a_complete_steer_file(toy, toy_data, tmp_path, capsys)
     assert data["target_tokens"] > 0 and r["final_loss"] > 0
     assert not (tmp_path / "sentiment.safetensors.ckpt").exists()  # the side file goes once finished
     assert "wrote" in capsys.readouterr().out
+    # --value-scale calibrates the trained dim only, exactly (0.5 is exact in bf16 too)
+    half = tmp_path / "half.safetensors"
+    cli_main(["train", "--data", str(toy_data), "--model", str(folder), "--name", "sentiment", "-o", str(half),
+              "--steps", "6", "--rank", "5", "--batch-size", "8", "--l2", "1e-4", "--quiet",
+              "--cache-dir", str(tmp_path / "cache"), "--value-scale", "0.5"])
+    scaled = SteerFile.load(half)
+    assert torch.equal(scaled.projector1, steer.projector1)
+    assert torch.equal(scaled.projector2[0], steer.projector2[0] * 0.5)
+    assert torch.equal(scaled.projector2[1], steer.projector2[1])
+    assert scaled.header.recipe["value_scale"] == 0.5
 
 
 def test_other_inputs_text_pairs_and_csv(tmp_path):

@@ -10,6 +10,8 @@ from pathlib import Path
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    import torch
+
     from .training import TrainConfig, load_labelled_file, load_text_pair, train_steer
 
     names = args.name or ["steer"]
@@ -27,7 +29,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         dim_names=names, bias_dim=None if args.no_bias else args.bias_name, bias_value=args.bias_value,
         rank=args.rank, epsilon=args.epsilon, init_std=args.init_std, lr=args.lr, steps=args.steps,
         batch_size=args.batch_size, max_length=args.max_length, seed=args.seed, l2=args.l2,
-        head_dtype=args.head_dtype,
+        head_dtype=args.head_dtype, value_scale=args.value_scale,
     )
     checkpoint = args.checkpoint or str(args.output) + ".ckpt"
     steer, result = train_steer(
@@ -36,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         resume=args.resume, progress=not args.quiet, max_abs_value=args.max_abs_value,
     )
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    steer.save(args.output, dtype=getattr(__import__("torch"), args.save_dtype))
+    steer.save(args.output, dtype=getattr(torch, args.save_dtype))
     if not args.keep_checkpoint:
         Path(checkpoint).unlink(missing_ok=True)
     h = steer.header
@@ -158,6 +160,9 @@ def add_subcommands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--l2", type=float, default=0.0, help="L2 weight on |P1|^2 + |P2|^2 (default 0)")
     p.add_argument("--head-dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the LM-head matmuls while training (bfloat16: about 2x faster on CPUs with bf16)")
+    p.add_argument("--value-scale", type=float, default=1.0,
+                   help="after training, scale the trained dims by this, so value v acts as v * SCALE of the "
+                        "trained steer: puts the recommended value where you want it (default 1)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     p.add_argument("--cache-dir", help="also keep the hidden-state cache on disk here (reused when it matches)")
     p.add_argument("--checkpoint", help="side file for optimizer state and step (default OUTPUT.ckpt)")

@@ -47,6 +47,9 @@ class TrainConfig:
     seed: int = 0
     l2: float = 0.0  # l2 * (|P1|^2 + |P2|^2), summed over all entries
     head_dtype: str = "float32"  # dtype of the LM-head matmuls in training (float32 or bfloat16)
+    # After training, the trained dims' P2 is multiplied by this: value v of the file then steers as
+    # v * value_scale of the trained steer (calibrates where the recommended value lands; bias dims untouched).
+    value_scale: float = 1.0
 
     @property
     def all_dims(self) -> list[str]:
@@ -469,6 +472,8 @@ def train_steer(config: TrainConfig, model: str | Path, examples: Sequence[Label
                             checkpoint_every=checkpoint_every, resume=resume, progress=progress)
     timings.update(result.seconds)
     result.seconds = timings
+    projector2 = result.projector2.clone()
+    projector2[: len(config.dim_names)] *= config.value_scale
     recipe = {
         **asdict(config),
         "rank": config.resolved_rank(weight.shape[1]),
@@ -486,7 +491,7 @@ def train_steer(config: TrainConfig, model: str | Path, examples: Sequence[Label
         "torch": torch.__version__,
     }
     steer = SteerFile.create(
-        result.projector1, result.projector2, dim_names=config.all_dims, epsilon=config.epsilon,
+        result.projector1, projector2, dim_names=config.all_dims, epsilon=config.epsilon,
         primary_dim=config.dim_names[0], bias_dims={config.bias_dim: config.bias_value} if config.bias_dim else {},
         base_model=base_model or str(model), fingerprint=fingerprint, recipe=recipe,
         source="trained with vllm-steer train", max_abs_value=max_abs_value,
