@@ -179,8 +179,8 @@ def make_data() -> None:
 
 # The training recipe of each shipped steer (everything else: the reference defaults).
 STEER_RECIPES = {
-    "sentiment": ["--rank", "64", "--steps", "400", "--l2", "1e-4"],
-    "detox": ["--rank", "64", "--steps", "400", "--l2", "1e-4"],
+    "sentiment": ["--rank", "64", "--steps", "300", "--l2", "1e-5", "--head-dtype", "bfloat16"],
+    "detox": ["--rank", "64", "--steps", "300", "--l2", "1e-5", "--head-dtype", "bfloat16"],
 }
 
 
