@@ -411,7 +411,8 @@ def main() -> None:
     generations = RESULTS / f"{args.tag}_generations.jsonl"
     if not args.rescore:
         run_generation(plan, args.samples, generations, steers)
-    rows = [json.loads(line) for line in generations.read_text().splitlines()]
+    # split on "\n" only: splitlines() would also split at U+2028 inside the texts
+    rows = [json.loads(line) for line in generations.read_text().split("\n") if line.strip()]
     results = score(rows, plan, args.samples, second=not args.no_second_model)
     checks = verdicts(results)
     timing = RESULTS / f"{args.tag}_timing.json"
