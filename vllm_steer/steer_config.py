@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from .steer_bank import SteerBank
-from .steer_file import SteerFile, SteerHeader, read_header
+from .steer_file import SteerHeader, read_header
 
 ENV_VAR = "VLLM_STEER_CONFIG"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
@@ -92,11 +91,6 @@ class SteerConfig:
         """Each steer's header (metadata only): what request validation needs."""
         return {name: read_header(path) for name, path in self.steers.items()}
 
-    def load_steers(self) -> dict[str, SteerFile]:
-        return {name: SteerFile.load(path) for name, path in self.steers.items()}
-
-    def load_bank(self) -> SteerBank:
-        return SteerBank(self.load_steers())
 
 
 def _name_value_pairs(specs: list[str], flag: str, form: str) -> dict[str, str]:
