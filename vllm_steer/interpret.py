@@ -19,10 +19,21 @@ from .training import final_hidden_states, output_head, steered_hidden
 # ---------------------------------------------------------------- keywords
 
 
-def is_readable_word(piece: str) -> bool:
-    """A decoded token that is an alphabetic (ASCII) word of two letters or more, spaces aside."""
+def is_readable_word(piece: str, word_initial_only: bool = False) -> bool:
+    """A decoded token that is an alphabetic (ASCII) word of two letters or more, spaces aside;
+    with word_initial_only, also one that starts a word (a leading space), so that BPE fragments
+    such as 'olks' or 'imbal' are left out."""
     word = piece.strip()
+    if word_initial_only and not piece.startswith(" "):
+        return False
     return len(word) >= 2 and word.isascii() and word.isalpha()
+
+
+def readable_mask(pieces: list[str]) -> torch.Tensor:
+    """Which tokens to list. Word-initial tokens only where the tokenizer marks them with a
+    leading space when decoded alone (BPE vocabularies such as GPT-2's and SmolLM2's)."""
+    spaced = sum(p.startswith(" ") for p in pieces) > 0.1 * len(pieces)
+    return torch.tensor([is_readable_word(p, spaced) for p in pieces])
 
 
 def dim_index(steer: SteerFile, dim: str | None) -> int:
@@ -75,7 +86,7 @@ def steer_keywords(steer: SteerFile, output_embedding: torch.Tensor, tokenizer, 
     h = (context if context is not None else emb.mean(0)).float()
     u, s, vh = torch.linalg.svd(steer_matrix(steer, k))
     pieces = [tokenizer.decode([i]) for i in range(emb.shape[0])]
-    readable = torch.tensor([is_readable_word(p) for p in pieces])
+    readable = readable_mask(pieces)
     out = []
     for i in range(min(directions, int((s > s[0] * 1e-6).sum()))):
         proj = emb @ vh[i]
