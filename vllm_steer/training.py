@@ -130,15 +130,25 @@ def data_provenance(paths: Sequence[str | Path], examples: Sequence[LabelledText
 # ---------------------------------------------------------------- model
 
 
+def model_location(model: str | Path) -> tuple[str, dict[str, Any]]:
+    """from_pretrained's location and arguments: a folder or hub-style name, or a .gguf file
+    (read by transformers' GGUF loader, dequantized)."""
+    path = Path(model)
+    if path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    return str(model), {}
+
+
 def load_frozen_model(model: str | Path, device: str | torch.device = "cpu"):
     """A transformers causal LM and its tokenizer, in float32, eval mode, no gradients."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    lm = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32).to(device).eval()
+    location, kwargs = model_location(model)
+    lm = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs).to(device).eval()
     lm.requires_grad_(False)
     if getattr(lm.config, "final_logit_softcapping", None):
         raise ValueError(f"{model}: models with final logit soft-capping are not supported")
-    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     return lm, tokenizer
 
 

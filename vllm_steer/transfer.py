@@ -19,16 +19,10 @@ from .steer_file import SteerFile, embedding_fingerprint
 
 def load_embedding_and_tokenizer(model: str | Path) -> tuple[torch.Tensor, Any]:
     """The output embedding [V, D] and tokenizer of a transformers model folder or name, or of
-    a .gguf file (read with transformers' GGUF loader)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    a .gguf file."""
+    from .training import load_frozen_model
 
-    path = Path(model)
-    kwargs: dict[str, Any] = {}
-    location = str(model)
-    if path.suffix == ".gguf":
-        location, kwargs = str(path.parent), {"gguf_file": path.name}
-    lm = AutoModelForCausalLM.from_pretrained(location, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    lm, tokenizer = load_frozen_model(model)
     return lm.get_output_embeddings().weight.detach().float(), tokenizer
 
 
