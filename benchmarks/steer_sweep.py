@@ -176,7 +176,7 @@ def distinct_n(samples: list[str], n: int) -> float:
     return len(set(grams)) / len(grams) if grams else 0.0
 
 
-def continuation_nll(model_dir: str, pairs: list[tuple[str, str]], batch_size: int = 32) -> list[tuple[float, int]]:
+def continuation_nll(model_dir: str, pairs: list[tuple[str, str]], batch_size: int = 16) -> list[tuple[float, int]]:
     """(sum of token NLL, token count) of each continuation given its prompt, under an
     unsteered causal LM (float32)."""
     import torch
@@ -204,15 +204,20 @@ def continuation_nll(model_dir: str, pairs: list[tuple[str, str]], batch_size: i
         for row, (p, c) in enumerate(chunk):
             ids[row, : len(p) + len(c)] = torch.tensor(p + c)
             mask[row, : len(p) + len(c)] = 1
-        with torch.no_grad():
-            logp = torch.log_softmax(lm(input_ids=ids, attention_mask=mask).logits.float(), -1)
+        rows, positions, targets = [], [], []
         for row, (p, c) in enumerate(chunk):
-            if not c:
-                out.append((0.0, 0))
-                continue
-            positions = torch.arange(len(p) - 1, len(p) + len(c) - 1)
-            nll = -logp[row, positions, torch.tensor(c)].sum().item()
-            out.append((nll, len(c)))
+            rows += [row] * len(c)
+            positions += range(len(p) - 1, len(p) + len(c) - 1)
+            targets += c
+        with torch.no_grad():
+            # the head on the continuation's positions only: Gemma's [B, T, 262144] logits would not fit
+            h = lm.base_model(input_ids=ids, attention_mask=mask).last_hidden_state[rows, positions]
+            logp = torch.log_softmax(lm.get_output_embeddings()(h).float(), -1)
+            token_nll = -logp[torch.arange(len(targets)), torch.tensor(targets)]
+        start = 0
+        for _, c in chunk:
+            out.append((token_nll[start:start + len(c)].sum().item(), len(c)))
+            start += len(c)
     return out
 
 
