@@ -86,11 +86,40 @@ def register_plugin() -> None:
     if current is not None:
         raise RuntimeError(f"another plugin already replaced vLLM's LogitsProcessor layer: {current}")
     PluggableLayer.register_oot(SteeredLogitsLayer, name=OOT_LAYER_NAME)
+    install_beam_search_refusal()
     # The engine-side half of the runtime registry: a worker method collective_rpc can name
     # (callables would need VLLM_ALLOW_INSECURE_SERIALIZATION).
     from vllm.v1.worker.worker_base import WorkerBase
 
     WorkerBase.vllm_steer_reconfigure = _reconfigure_worker
+
+
+def _has_steer_keys(extra: object) -> bool:
+    return bool(extra) and any(isinstance(k, str) and k.startswith(STEER_KEY_PREFIX) for k in extra)
+
+
+def install_beam_search_refusal() -> None:
+    """vLLM's beam search builds its own per-step SamplingParams without the request's
+    vllm_xargs, so a steered beam search would be answered unsteered, and a wrong steer name
+    never checked. Refuse it in the API front end (a ValueError there is an HTTP 400)."""
+    from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    for request_class in (CompletionRequest, ChatCompletionRequest):
+        original = request_class.to_beam_search_params
+        if getattr(original, "_vllm_steer_refusal", False):
+            continue
+        _expect_params(original, ["self", "max_tokens", "default_sampling_params"])
+
+        def to_beam_search_params(self, max_tokens, default_sampling_params=None, _original=original):
+            if _has_steer_keys(self.vllm_xargs):
+                METRICS.rejected.labels(reason="beam_search").inc()
+                raise SteerRequestError("steering cannot be combined with use_beam_search: vLLM's beam search "
+                                        "drops vllm_xargs, so the answer would be unsteered", "beam_search")
+            return _original(self, max_tokens, default_sampling_params)
+
+        to_beam_search_params._vllm_steer_refusal = True
+        request_class.to_beam_search_params = to_beam_search_params
 
 
 def served_config() -> SteerConfig:
@@ -229,16 +258,18 @@ class _StepState:
         if weight is None or weight.dim() != 2 or weight.shape[1] != hidden_size or shard is None:
             logger.warning("vllm-steer: the LM head is not a plain [V, D] weight; embedding fingerprints not checked")
             return
-        for name in names if names is not None else list(config.steers):
-            header = config.catalog[name]
-            if header.fingerprint is None:
-                continue
-            problem = fingerprint_mismatch(header.fingerprint, weight[: shard.num_org_elements],
-                                           first_row=shard.org_vocab_start_index, vocab_size=self.vocab_size)
-            if problem:
+        names = [n for n in (names if names is not None else config.steers) if config.catalog[n].fingerprint]
+        problems = [fingerprint_mismatch(config.catalog[n].fingerprint, weight[: shard.num_org_elements],
+                                         first_row=shard.org_vocab_start_index, vocab_size=self.vocab_size)
+                    for n in names]
+        refused = _refused_by_any_tp_rank([p is not None for p in problems], weight.device)
+        for name, problem, refuse in zip(names, problems, refused, strict=True):
+            if refuse:
+                base_model = config.catalog[name].base_model
                 raise SteerFileError(
-                    f"steer {name!r} ({config.steers[name]}) does not fit this model's output embedding: {problem}"
-                    + (f"; it was made for {header.base_model}" if header.base_model else "")
+                    f"steer {name!r} ({config.steers[name]}) does not fit this model's output embedding: "
+                    + (problem or "another tensor-parallel rank found a mismatch in its vocabulary shard")
+                    + (f"; it was made for {base_model}" if base_model else "")
                 )
 
     def take(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -264,6 +295,21 @@ class _StepState:
 
 
 _STEP = _StepState()
+
+
+def _refused_by_any_tp_rank(refused_here: list[bool], device: torch.device) -> list[bool]:
+    """Under tensor parallelism each rank checks only its own vocabulary shard. The ranks must
+    refuse together: a rank that passed would otherwise wait forever in the logits gather (or
+    serve a steer set its peers refused)."""
+    from vllm.distributed import parallel_state
+
+    if not refused_here or not parallel_state.model_parallel_is_initialized():
+        return refused_here
+    group = parallel_state.get_tp_group()
+    if group.world_size == 1:
+        return refused_here
+    votes = group.all_reduce(torch.tensor(refused_here, dtype=torch.float32, device=device))
+    return (votes > 0).tolist()
 
 
 class SteeredLogitsLayer(VllmLogitsLayer):
@@ -322,7 +368,7 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         """Runs in the API front end for every request: a ValueError here is an HTTP 400."""
         extra = sampling_params.extra_args
-        if not extra or not any(isinstance(k, str) and k.startswith(STEER_KEY_PREFIX) for k in extra):
+        if not _has_steer_keys(extra):
             return
         config = served_config()
         try:
