@@ -374,7 +374,7 @@ def test_speculative_decoding_is_refused_at_startup(engines):
 def test_tensor_parallel_2_cannot_run_the_default_model(engines):
     """The default model (SmolLM2-135M) has 9 attention heads, which vLLM cannot split over 2
     ranks: the configuration is refused before any worker starts. TP=2 on CPU itself works here,
-    on a model that splits: the opt-in tests at the end of this file (VLLM_STEER_TEST_TP2=1)."""
+    on a model that splits: the tests at the end of this file."""
     proc = engines["tp2"]
     assert proc.wait_exit(timeout=400) != 0
     log = proc.log_tail(200_000)
@@ -414,14 +414,13 @@ def test_fingerprint_check_on_vocab_shards(output_embedding):
     assert fingerprint_mismatch(fp, padded[: vocab // 2], first_row=vocab // 2, vocab_size=vocab) is None
 
 
-# ---------------------------------------------------------------------------- TP=2 (opt-in)
+# ---------------------------------------------------------------------------- TP=2 on a model that splits
 
-TP2_ENABLED = os.environ.get("VLLM_STEER_TEST_TP2") == "1"
-tp2_only = pytest.mark.skipif(not TP2_ENABLED, reason="starts extra TP=2 servers (~1 min each); "
-                              "set VLLM_STEER_TEST_TP2=1")
 # vLLM's automatic CPU binding wants one NUMA node per rank; this machine has one, so the
-# two ranks' OpenMP threads are bound by hand, one core each.
-TP2_ENV = {**SERVER_ENV, "VLLM_CPU_OMP_THREADS_BIND": "0|1"}
+# two ranks' OpenMP threads are bound by hand, one allowed core each.
+ALLOWED_CPUS = sorted(os.sched_getaffinity(0))
+tp2_only = pytest.mark.skipif(len(ALLOWED_CPUS) < 2, reason="TP=2 on CPU needs two cores to bind the ranks to")
+TP2_ENV = {**SERVER_ENV, "VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, ALLOWED_CPUS[:2]))}
 TP2_ARGS = [*CPU_SERVER_ARGS, "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
 
 
@@ -453,18 +452,33 @@ def tiny_model(tmp_path_factory, model_dir) -> tuple[Path, torch.nn.Module, Stee
     return folder, model, steer, steer_path
 
 
+def steer_off_in_rank_1_rows(tiny_model, path: Path) -> int:
+    """Save the tiny model's steer with a fingerprint that is wrong only in a row of the second
+    half of the vocabulary (held by TP rank 1 alone); returns that row."""
+    _, model, steer, _ = tiny_model
+    embedding = model.get_output_embeddings().weight.detach().clone()
+    row = embedding_fingerprint(embedding)["rows"][-1]
+    assert row >= embedding.shape[0] // 2
+    embedding[row] *= 1.5
+    SteerFile.create(steer.projector1, steer.projector2, dim_names=["gamma", "bias"], bias_dims={"bias": 1.0},
+                     epsilon=1e-2, base_model="tiny", fingerprint=embedding_fingerprint(embedding)).save(path)
+    return row
+
+
 @tp2_only
 def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path):
     """vLLM's CPU backend runs tensor-parallel size 2 here once its OpenMP threads are bound
     by hand. On a model that splits over 2 ranks, the steered logprobs served with TP=2 equal
     the paper's formula computed in float64 by HF transformers (TP=1 equals it in the parity
-    test), unsteered included: each rank steers the replicated hidden state itself."""
+    test), unsteered included: each rank steers the replicated hidden state itself. A runtime
+    load of a steer that only rank 1 can tell is wrong is refused by all ranks (400), and the
+    server then answers exactly as before."""
     from test_serving import hf_steered_logprobs
     from transformers import AutoTokenizer
 
     folder, model, steer, steer_path = tiny_model
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    command = steer_server_command(str(folder), {"gamma": str(steer_path)}, *TP2_ARGS)
+    command = steer_server_command(str(folder), {"gamma": str(steer_path)}, *TP2_ARGS, "--allow-runtime-updates")
     with ServerProcess(command, tmp_path / "tp2.log", env=TP2_ENV) as server:
         assert "tensor_parallel_size=2" in server.log_tail(200_000)
         worst, smallest_effect = 0.0, float("inf")
@@ -480,6 +494,16 @@ def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path):
                     worst = max(worst, abs(lp - ref[pos, tok].item()))
                     if xargs:
                         smallest_effect = min(smallest_effect, abs(ref[pos] - unsteered[pos]).max().item())
+        ids = tokenizer(PROMPTS[0])["input_ids"]
+        before = complete(server, ids, {"steer_gamma": 5}, max_tokens=8, logprobs=1).choices[0]
+        row = steer_off_in_rank_1_rows(tiny_model, tmp_path / "off.safetensors")
+        off = {"name": "off", "path": str(tmp_path / "off.safetensors")}
+        refused = httpx.post(server.url + "/load_steer", json=off, timeout=120)
+        assert refused.status_code == 400, refused.text
+        assert "does not fit" in refused.text and f"row {row} norm" in server.log_tail(200_000)
+        assert [s["name"] for s in httpx.get(server.url + "/steers", timeout=30).json()["data"]] == ["gamma"]
+        after = complete(server, ids, {"steer_gamma": 5}, max_tokens=8, logprobs=1).choices[0]
+        assert (after.text, after.logprobs.token_logprobs) == (before.text, before.logprobs.token_logprobs)
     assert worst < 1e-3, f"TP=2 vs the float64 formula: largest |logprob difference| {worst}"
     assert smallest_effect > 0.1, smallest_effect
 
@@ -489,15 +513,8 @@ def test_tensor_parallel_2_rank_1_checks_its_own_vocab_shard(tiny_model, tmp_pat
     """A fingerprint that is wrong only in a row of the second half of the vocabulary (held
     by rank 1 alone) stops a TP=2 start-up with the fingerprint error: rank 1 checks its
     shard at the right offset, and the server exits rather than hangs."""
-    folder, model, steer, _ = tiny_model
-    embedding = model.get_output_embeddings().weight.detach().clone()
-    fp = embedding_fingerprint(embedding)
-    row = fp["rows"][-1]
-    assert row >= embedding.shape[0] // 2
-    embedding[row] *= 1.5
-    SteerFile.create(steer.projector1, steer.projector2, dim_names=["gamma", "bias"], bias_dims={"bias": 1.0},
-                     epsilon=1e-2, base_model="tiny", fingerprint=embedding_fingerprint(embedding)
-                     ).save(tmp_path / "off.safetensors")
+    folder = tiny_model[0]
+    row = steer_off_in_rank_1_rows(tiny_model, tmp_path / "off.safetensors")
     command = steer_server_command(str(folder), {"off": str(tmp_path / "off.safetensors")}, *TP2_ARGS)
     proc = ServerProcess(command, tmp_path / "tp2_off.log", env=TP2_ENV).start()
     refused_at = None
