@@ -8,13 +8,28 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import pytest
 import torch
-from safetensors import safe_open
 
-from vllm_steer import SteerFile, embedding_fingerprint
-from vllm_steer.default_model import default_model_dir
-from vllm_steer.server_process import (
+# Without CUDA the kernel tests run Triton's CPU interpreter, which Triton picks when it is
+# first imported (its own @triton.jit library functions are decorated then). Other test
+# modules import Triton indirectly (through torch's native ops, vLLM) during collection,
+# before test_kernel_triton.py can choose; so choose here, before anything else imports it, and
+# take the variable back out so the vLLM servers the tests start do not inherit it.
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton.language  # noqa: F401
+    except ImportError:
+        pass
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+
+import pytest  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from vllm_steer import SteerFile, embedding_fingerprint  # noqa: E402
+from vllm_steer.default_model import default_model_dir  # noqa: E402
+from vllm_steer.server_process import (  # noqa: E402
     CPU_SERVER_ARGS,
     ServerProcess,
     plain_server_command,
