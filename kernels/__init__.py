@@ -3,9 +3,9 @@ plain torch version beside it. `steer_hidden` picks the right one for the tensor
 
 import torch
 
-from .steer_torch import steer_hidden_torch
+from .steer_torch import steer_hidden_dense_torch, steer_hidden_torch
 
-__all__ = ["steer_hidden", "steer_hidden_torch"]
+__all__ = ["steer_hidden", "steer_hidden_dense_torch", "steer_hidden_torch"]
 
 
 def steer_hidden(

@@ -22,3 +22,17 @@ def steer_hidden_torch(
     shrunk = h @ down.float()
     shrunk = shrunk * row_values[:, col_dim]
     return (h + shrunk @ up.float()).to(hidden.dtype)
+
+
+def steer_hidden_dense_torch(hidden: torch.Tensor, dense: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
+    """h'_b = h_b + sum_k row_values[b, k] * (h_b @ W_k), fp32 accumulation.
+
+    dense [D, K*D] holds every W_k = P1_k @ P2_k^T side by side. The same function as
+    `steer_hidden_torch` in one GEMM instead of two, and fewer FLOPs when the steers' average
+    rank per dim is above D/2 (a reference checkpoint's rank is D or more).
+    """
+    h = hidden.float()
+    rows, size = h.shape
+    per_dim = (h @ dense.float()).view(rows, row_values.shape[1], size)
+    delta = torch.bmm(row_values.unsqueeze(1), per_dim).squeeze(1)
+    return (h + delta).to(hidden.dtype)

@@ -1,4 +1,5 @@
-"""Offline use with vllm.LLM through vllm_steer.offline.steered_llm gives what the server gives."""
+"""Offline use with vllm.LLM through vllm_steer.offline.steered_llm gives what the server gives,
+and the dense form of high-rank steers gives what the factored form gives."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import os
 import subprocess
 import sys
 
+import torch
 from test_serving import PROMPTS, complete
+
+from vllm_steer import SteerFile
 
 CASES = [None, {"steer_alpha": 5}, {"steer_alpha": -5, "steer_beta": 3}, {"steer_beta": [2]}]
 
@@ -30,14 +34,33 @@ if __name__ == "__main__":
 """
 
 
+def zero_padded(path: str, rank: int, out: str) -> str:
+    """The same steer written at a higher rank: P1 and P2 padded with zero columns, so every
+    W_k = P1_k P2_k^T, and so the steer, is unchanged."""
+    steer = SteerFile.load(path)
+    k, d, r = steer.projector1.shape
+    pad = torch.zeros(k, d, rank - r)
+    h = steer.header
+    SteerFile.create(torch.cat([steer.projector1.float(), pad], 2), torch.cat([steer.projector2.float(), pad], 2),
+                     dim_names=h.dim_names, epsilon=h.epsilon, primary_dim=h.primary_dim, bias_dims=h.bias_dims,
+                     base_model=h.base_model, fingerprint=h.fingerprint).save(out)
+    return out
+
+
 def test_offline_llm_matches_server(servers, model_dir, steer_paths, tmp_path):
+    """The offline engine loads the session's steers zero-padded to rank 1000 (> D = 576, as a
+    reference checkpoint can be): the plugin then applies them on CPU through the dense
+    W_k (one GEMM) while the server uses the rank-64/32 factors (two GEMMs). Same texts."""
     script = tmp_path / "offline.py"
     script.write_text(SCRIPT)
-    arg = json.dumps([str(model_dir), steer_paths, PROMPTS, CASES])
+    padded = {name: zero_padded(path, 1000, str(tmp_path / f"{name}.safetensors"))
+              for name, path in steer_paths.items()}
+    arg = json.dumps([str(model_dir), padded, PROMPTS, CASES])
     run = subprocess.run([sys.executable, str(script), arg], capture_output=True, text=True, timeout=600,
                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, cwd=tmp_path)
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT")]
     assert run.returncode == 0 and lines, run.stderr[-5000:]
+    assert "as dense W_k" in run.stdout + run.stderr
     offline = json.loads(lines[0][len("RESULT"):])
     served = [complete(servers["steer"], p, case, max_tokens=12).choices[0].text for p in PROMPTS for case in CASES]
     assert offline == served

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from vllm_steer import SteerFile, SteerRequestError, parse_steer_args, steer_args
-from vllm_steer.kernels import steer_hidden_torch
+from vllm_steer.kernels import steer_hidden_dense_torch, steer_hidden_torch
 from vllm_steer.steer_bank import SteerBank
 
 D = 40
@@ -53,6 +53,31 @@ def test_all_zero_rows_are_bit_identical(dtype):
     assert out.dtype == dtype
     assert torch.equal(out[0], h[0]) and torch.equal(out[2], h[2])
     assert not torch.equal(out[1], h[1])
+
+
+def test_dense_form_matches_formula_and_the_factors():
+    """Steers of rank above D/2 (here 30 and 40 of D = 40) are applied on CPU through the
+    dense W_k = P1_k P2_k^T, one GEMM: the same function as the factored op and the formula,
+    unsteered rows bit-identical. Low-rank banks keep the factors."""
+    a = steer(["a", "bias"], 30, 0, 1e-3, bias_dims={"bias": 1.0})
+    b = steer(["b"], 40, 1, 5e-3)
+    bank = SteerBank({"a": a, "b": b})
+    assert bank.dense_is_cheaper and bank.dense is None  # chosen when placed on a device
+    requests = [{}, {"a": [5.0, 1.0]}, {"b": [-2.0]}, {"a": [-3.0, 1.0], "b": [4.0]}, {"a": [0.0, 0.0]}]
+    h = torch.randn(len(requests), D)
+    rows = torch.tensor([bank.row_values(r) for r in requests])
+    factored = steer_hidden_torch(h, bank.down, bank.up, bank.col_dim, rows)
+    assert bank.to("cpu").dense is not None and bank.dense.shape == (D, 3 * D)
+    out = bank.steer(h, rows)
+    torch.testing.assert_close(out, steer_hidden_dense_torch(h, bank.dense, rows), rtol=0, atol=0)
+    torch.testing.assert_close(out, factored, rtol=1e-5, atol=1e-5)
+    for i, req in enumerate(requests):
+        expected = formula(h[i], [({"a": a, "b": b}[n], v) for n, v in req.items()])
+        torch.testing.assert_close(out[i].double(), expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[0], h[0]) and torch.equal(out[4], h[4])
+    assert not torch.equal(out[1], h[1])
+    low = SteerBank({"a": steer(["a", "bias"], 19, 0, 1e-3, bias_dims={"bias": 1.0})}).to("cpu")
+    assert not low.dense_is_cheaper and low.dense is None
 
 
 def test_bank_refuses_mixed_hidden_sizes():

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from .kernels import steer_hidden, steer_hidden_dense_torch
 from .steer_file import SteerFile, SteerHeader
 
 
@@ -15,6 +16,8 @@ class SteerBank:
     down [D, R] holds every P1_k side by side, up [R, D] every P2_k^T stacked, and
     col_dim [R] says which of the K_total dims each column belongs to. A row's values
     are a [K_total] vector with each steer's eps folded in, so all-zero means unsteered.
+    Off CUDA, where the torch op runs, `dense` [D, K_total * D] holds every W_k = P1_k P2_k^T
+    instead when that is cheaper (one GEMM of D x K_total*D rather than two of D x R).
     """
 
     def __init__(self, steers: dict[str, SteerFile]) -> None:
@@ -39,6 +42,8 @@ class SteerBank:
         self.down = torch.cat(downs, dim=1).contiguous()
         self.up = torch.cat(ups, dim=0).contiguous()
         self.col_dim = torch.cat(col_dims)
+        self.dense: torch.Tensor | None = None
+        self.placement: tuple[torch.device, torch.dtype] | None = None  # set by to()
 
     @property
     def total_rank(self) -> int:
@@ -53,9 +58,30 @@ class SteerBank:
                 row[start + k] = header.epsilon * value
         return row
 
+    @property
+    def dense_is_cheaper(self) -> bool:
+        """D * K_total multiply-adds per row for the dense form against 2 * D * R for the factors."""
+        return self.num_dims * self.hidden_size < 2 * self.total_rank
+
+    def dense_weights(self) -> torch.Tensor:
+        """[D, K_total * D]: W_k = P1_k P2_k^T for every dim k, side by side, computed in float64."""
+        blocks = [self.down[:, self.col_dim == k].double() @ self.up[self.col_dim == k].double()
+                  for k in range(self.num_dims)]
+        return torch.cat(blocks, dim=1).float()
+
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> SteerBank:
         """Move the basis (not the bookkeeping) to a device, in the dtype the op reads."""
+        device = torch.device(device)
+        if device.type != "cuda" and self.dense_is_cheaper:
+            self.dense = self.dense_weights().to(device, dtype)
         self.down = self.down.to(device, dtype)
         self.up = self.up.to(device, dtype)
         self.col_dim = self.col_dim.to(device)
+        self.placement = (device, dtype)
         return self
+
+    def steer(self, hidden: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
+        """Every row of `hidden` steered with its own [K_total] values (the bank on its device)."""
+        if self.dense is not None:
+            return steer_hidden_dense_torch(hidden, self.dense, row_values)
+        return steer_hidden(hidden, self.down, self.up, self.col_dim, row_values)

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -37,19 +36,19 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from vllm import SamplingParams
 from vllm.config import VllmConfig
+from vllm.logger import init_logger
 from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogitsLayer
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from .kernels import steer_hidden
 from .steer_bank import SteerBank
 from .steer_config import ENV_VAR, SteerConfig
 from .steer_file import SteerFile, SteerFileError, check_fits_model, fingerprint_mismatch
 from .steer_request import STEER_KEY_PREFIX, SteerRequestError, parse_steer_args
 
-logger = logging.getLogger("vllm_steer")
+logger = init_logger("vllm.vllm_steer")  # under vLLM's logger: its handler, level and format
 
 SUPPORTED_VLLM = ("0.32.",)
 OOT_LAYER_NAME = "LogitsProcessor"
@@ -287,11 +286,13 @@ class _StepState:
         weight_dtype = hidden_states.dtype if hidden_states.is_cuda else torch.float32
         if weight_dtype not in (torch.bfloat16, torch.float16):
             weight_dtype = torch.float32
-        if bank.down.device != hidden_states.device or bank.down.dtype != weight_dtype:
+        if bank.placement != (hidden_states.device, weight_dtype):
             bank.to(hidden_states.device, weight_dtype)
+            logger.info("vllm-steer: steer basis on %s in %s, %s", hidden_states.device, weight_dtype,
+                        "as dense W_k (one GEMM)" if bank.dense is not None else f"as factors (R={bank.total_rank})")
         rows = hidden_states.shape[0]
         values = table.device[:rows] if self.row_to_index is None else table.device[self.row_to_index]
-        return steer_hidden(hidden_states, bank.down, bank.up, bank.col_dim, values)
+        return bank.steer(hidden_states, values)
 
 
 _STEP = _StepState()
