@@ -67,6 +67,11 @@ def check_vllm_internals() -> None:
         raise RuntimeError(f"vLLM BatchUpdate fields changed: {sorted(fields)}")
     if {m.name for m in MoveDirectionality} != {"UNIDIRECTIONAL", "SWAP"}:
         raise RuntimeError("vLLM MoveDirectionality members changed")
+    from vllm.distributed import parallel_state
+
+    for name in ("model_parallel_is_initialized", "get_tp_group"):
+        if not hasattr(parallel_state, name):
+            raise RuntimeError(f"vLLM parallel_state.{name} is missing")
 
 
 def _expect_params(fn: object, expected: list[str]) -> None:
