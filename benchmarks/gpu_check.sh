@@ -7,8 +7,10 @@
 # 1. tests/test_kernel_triton.py on the GPU, compiled (TRITON_INTERPRET unset): with pytest if
 #    it is installed (--noconftest: the suite's conftest imports vLLM), else the module's own
 #    runner (python tests/test_kernel_triton.py);
-# 2. benchmarks/kernel_bench.py OUTDIR: the micro-benchmark and a config sweep.
-# Everything lands in OUTDIR: env.txt, kernel_tests.log, kernel_bench.{log,json,md}, summary.txt.
+# 2. benchmarks/kernel_bench.py OUTDIR: the micro-benchmark and a config sweep;
+# 3. where transformers, tokenizers and safetensors are installed: training on CUDA against CPU
+#    (tests/test_training.py -k cuda, under 2 min).
+# Everything lands in OUTDIR: env.txt, kernel_tests.log, kernel_bench.{log,json,md}, training_cuda.log, summary.txt.
 # Time: tests <= 240 s (about 75 kernel variants to compile), benchmark <= 200 s: under 8 min.
 set -uo pipefail
 
@@ -51,7 +53,18 @@ timeout 200 "$py" benchmarks/kernel_bench.py "$out" --budget-s 140 --sweep-budge
 bench_rc=${PIPESTATUS[0]}
 bench_s=$(( $(date +%s) - start ))
 
+echo "== training on CUDA vs CPU (issue 4; needs transformers, tokenizers and safetensors there)"
+if "$py" -c "import pytest, transformers, tokenizers, safetensors" 2>/dev/null; then
+    timeout 120 "$py" -m pytest tests/test_training.py -k cuda -q -rs -p no:cacheprovider --noconftest \
+        2>&1 | tee "$out/training_cuda.log"
+    train_rc=${PIPESTATUS[0]}
+else
+    echo "skipped: pytest, transformers, tokenizers or safetensors missing" | tee "$out/training_cuda.log"
+    train_rc=skipped
+fi
+
 {
+    echo "training on CUDA: rc=$train_rc"
     echo "kernel tests: rc=$tests_rc (${tests_s} s; 124 = timed out)"
     tail -n 1 "$out/kernel_tests.log"
     echo "benchmark: rc=$bench_rc (${bench_s} s; 124 = timed out, partial results kept in kernel_bench.json/md)"

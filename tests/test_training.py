@@ -203,3 +203,25 @@ def test_other_inputs_text_pairs_and_csv(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"text": "x", "label": 3}\n')
     with pytest.raises(ValueError, match="not in"):
         load_labelled_file(tmp_path / "bad.jsonl", ["s"])
+
+
+def check_training_device_matches_cpu(folder, data_path, device: str) -> None:
+    """The hidden-state pass and the training on `device` give the CPU's cache and steer
+    (fp32, so only summation order differs)."""
+    config = TrainConfig(dim_names=["sentiment"], rank=8, epsilon=5e-2, steps=30, lr=2e-2, batch_size=16)
+    runs = {}
+    for where in ("cpu", device):
+        lm, tokenizer = load_frozen_model(folder, device=where)
+        ids, labels = prepare_examples(config, tokenizer, examples_of(data_path))
+        cache = build_cache(lm, ids, labels, device=where)
+        runs[where] = (cache, train_on_cache(config, cache, *output_head(lm), device=where))
+    (cpu_cache, cpu), (dev_cache, dev) = runs["cpu"], runs[device]
+    torch.testing.assert_close(dev_cache.hidden.cpu(), cpu_cache.hidden, rtol=1e-4, atol=1e-4)
+    assert torch.equal(dev_cache.targets.cpu(), cpu_cache.targets)
+    torch.testing.assert_close(torch.tensor(dev.losses), torch.tensor(cpu.losses), rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(dev.projector1, cpu.projector1, rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (not verified on this CPU machine)")
+def test_training_on_cuda_matches_cpu(toy, toy_data):
+    check_training_device_matches_cpu(toy[0], toy_data, "cuda")
