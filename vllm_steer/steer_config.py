@@ -92,7 +92,6 @@ class SteerConfig:
         return {name: read_header(path) for name, path in self.steers.items()}
 
 
-
 def _name_value_pairs(specs: list[str], flag: str, form: str) -> dict[str, str]:
     pairs: dict[str, str] = {}
     for spec in specs:
