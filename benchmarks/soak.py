@@ -33,11 +33,10 @@ from typing import Any
 
 import httpx
 import torch
-from safetensors import safe_open
 
-from vllm_steer import SteerFile, embedding_fingerprint
-from vllm_steer.default_model import default_model_dir
-from vllm_steer.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+from vllm_steer.tools.default_model import default_model_dir, default_output_embedding
+from vllm_steer.tools.random_steer import random_steer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [
@@ -83,17 +82,13 @@ class Outcome:
 def make_steers(model_dir: Path, folder: Path) -> dict[str, str]:
     """Two random steers with fingerprints: 'first' (K=2: first + a bias dim held at 1, the
     reference's layout) and 'second' (K=1); strong enough that +-5 changes greedy text."""
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        embedding = f.get_tensor("model.embed_tokens.weight")
-    fingerprint, d = embedding_fingerprint(embedding), embedding.shape[1]
+    embedding = default_output_embedding(model_dir)
     paths = {}
     for seed, (name, dims, rank) in enumerate([("first", ["first", "bias"], 64), ("second", ["second"], 32)]):
-        g = torch.Generator().manual_seed(100 + seed)
-        p1, p2 = (torch.randn(len(dims), d, rank, generator=g) * 0.45 for _ in range(2))
         extra = {"bias_dims": {"bias": 1.0}} if "bias" in dims else {}
         paths[name] = str(folder / f"{name}.safetensors")
-        SteerFile.create(p1, p2, dim_names=dims, epsilon=1e-3, base_model=model_dir.name, fingerprint=fingerprint,
-                         **extra).save(paths[name])
+        random_steer(dims, embedding.shape[1], rank, seed=100 + seed, sigma=0.45, embedding=embedding,
+                     base_model=model_dir.name, **extra).save(paths[name])
     return paths
 
 

@@ -125,8 +125,8 @@ async def generate_all(url: str, jobs: list[dict], concurrency: int = 48) -> lis
 
 
 def run_generation(plan: list[dict], samples: int, out_path: Path, steers: dict[str, str]) -> None:
-    from vllm_steer.default_model import default_model_dir
-    from vllm_steer.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+    from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+    from vllm_steer.tools.default_model import default_model_dir
 
     jobs = []
     for s in plan:
@@ -240,7 +240,7 @@ def mean_se(values: list[float]) -> tuple[float, float]:
 
 
 def score(rows: list[dict], plan: list[dict], samples: int, second: bool = True) -> list[dict]:
-    from vllm_steer.default_model import default_model_dir
+    from vllm_steer.tools.default_model import default_model_dir
 
     texts = [r["text"] for r in rows]
     polarity = textblob_polarity(texts)

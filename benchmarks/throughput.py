@@ -25,9 +25,11 @@ from pathlib import Path
 import openai
 import torch
 
-from vllm_steer import SteerFile, embedding_fingerprint
-from vllm_steer.default_model import default_model_dir
-from vllm_steer.server_process import CPU_SERVER_ARGS, ServerProcess, plain_server_command, steer_server_command
+from vllm_steer import SteerFile
+from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, plain_server_command, steer_server_command
+from vllm_steer.steer.formula import steered_hidden
+from vllm_steer.tools.default_model import default_model_dir, default_output_embedding
+from vllm_steer.tools.random_steer import random_steer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("river market window silver garden engine letter mountain story yellow winter paper station "
@@ -57,18 +59,12 @@ def make_prompts(tokenizer, n: int, length: int, seed: int) -> list[list[int]]:
 
 def make_steers(model_dir: Path, folder: Path) -> dict[str, str]:
     """Two random steers shaped like the reference's (K=2: style + bias dim, rank = D)."""
-    from safetensors import safe_open
-
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        emb = f.get_tensor("model.embed_tokens.weight")
-    d = emb.shape[1]
+    emb = default_output_embedding(model_dir)
     paths = {}
     for i, name in enumerate(["first", "second"]):
-        g = torch.Generator().manual_seed(i)
-        p1, p2 = (torch.randn(2, d, d, generator=g) * 0.1 for _ in range(2))
         paths[name] = str(folder / f"{name}.safetensors")
-        SteerFile.create(p1, p2, dim_names=[name, "bias"], bias_dims={"bias": 1.0},
-                         fingerprint=embedding_fingerprint(emb)).save(paths[name])
+        random_steer([name, "bias"], emb.shape[1], emb.shape[1], seed=i, sigma=0.1, embedding=emb,
+                     bias_dims={"bias": 1.0}).save(paths[name])
     return paths
 
 
@@ -133,9 +129,7 @@ def bench_reference(model_dir: Path, steer_path: str, prompts: list[list[int]], 
 
     class ReferenceSteeredHead(torch.nn.Module):
         def forward(self, h):
-            s = state["s"]
-            delta = sum(s[k] * (h @ p1[k]) @ p2[k].T for k in range(len(s)) if s[k] != 0)
-            return torch.nn.functional.linear(h + eps * delta, head.weight)
+            return torch.nn.functional.linear(steered_hidden(h, state["s"][None], p1, p2, eps), head.weight)
 
     model.lm_head = ReferenceSteeredHead()
     ids = torch.tensor(prompts[:batch])

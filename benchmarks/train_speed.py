@@ -19,20 +19,19 @@ from pathlib import Path
 
 import torch
 
-from vllm_steer.default_model import default_model_dir
-from vllm_steer.training import (
+from vllm_steer.tools.default_model import default_model_dir
+from vllm_steer.tools.hf_model import load_frozen_model, output_head
+from vllm_steer.tools.hidden_cache import build_cache
+from vllm_steer.tools.training import (
     TrainConfig,
     batch_order,
-    build_cache,
     cached_step_loss,
     initial_projectors,
-    load_frozen_model,
-    load_labelled_file,
-    output_head,
     prepare_examples,
     recompute_step_loss,
     training_vectors,
 )
+from vllm_steer.tools.training_data import load_labelled_file
 
 ROOT = Path(__file__).resolve().parent.parent
 

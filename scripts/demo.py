@@ -11,11 +11,10 @@ import textwrap
 from pathlib import Path
 
 import openai
-import torch
 
-from vllm_steer import SteerFile, embedding_fingerprint
-from vllm_steer.default_model import default_model_dir
-from vllm_steer.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+from vllm_steer.tools.default_model import default_model_dir, default_output_embedding
+from vllm_steer.tools.random_steer import random_steer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The movie I watched last night was", "My neighbour just told me that", "The food at this restaurant"]
@@ -28,15 +27,10 @@ def shipped_or_made_steers(model_dir: Path, scratch: Path) -> dict[str, str]:
         return shipped
     print("No trained steers are shipped yet: using a RANDOM steer made for this demo; its direction means "
           "nothing, it only shows that each request is steered with its own value.\n")
-    from safetensors import safe_open
-
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        emb = f.get_tensor("model.embed_tokens.weight")
-    g = torch.Generator().manual_seed(0)
-    p1, p2 = (torch.randn(2, emb.shape[1], 64, generator=g) * 0.45 for _ in range(2))
+    emb = default_output_embedding(model_dir)
     path = scratch / "random.safetensors"
-    SteerFile.create(p1, p2, dim_names=["random", "bias"], bias_dims={"bias": 1.0},
-                     base_model="SmolLM2-135M-Instruct", fingerprint=embedding_fingerprint(emb)).save(path)
+    random_steer(["random", "bias"], emb.shape[1], 64, sigma=0.45, embedding=emb, bias_dims={"bias": 1.0},
+                 base_model="SmolLM2-135M-Instruct").save(path)
     return {"random": str(path)}
 
 

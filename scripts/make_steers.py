@@ -122,7 +122,7 @@ def generate(requests: list[dict], batch_size: int = 64, seed_base: int = SEED,
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_steer.default_model import default_model_dir
+    from vllm_steer.tools.default_model import default_model_dir
 
     if threads:
         torch.set_num_threads(threads)
@@ -226,9 +226,10 @@ def make_data(names: list[str]) -> None:
 
 # The training recipe of each shipped steer (everything else: the reference defaults).
 # --value-scale calibrates where the recommended value +-5 lands.
-# sentiment: measured on the same recipe with scale 1 (benchmarks/results/tune_v2.md: 16 prompts x 4
-# samples): perplexity within 1.2x at +-2.5 (2.0-2.4x at +-5); so +-5 in the file is +-2.5 trained.
-# detox (data v2, issue 4), tuned on the same recipe with scale 1 (benchmarks/results/tune_detox_v3*.md):
+# (The tuning runs' results are in git history: a9d09a2:benchmarks/results/tune_v2.md, tune_detox_v3*.md.)
+# sentiment: measured on the same recipe with scale 1 (tuning run v2: 16 prompts x 4 samples):
+# perplexity within 1.2x at +-2.5 (2.0-2.4x at +-5); so +-5 in the file is +-2.5 trained.
+# detox (data v2, issue 4), tuned on the same recipe with scale 1 (tuning runs detox v3a-c):
 # - with --no-bias (value 0 = unsteered): +1.5..+2 lowered max toxicity 0.47 -> 0.22-0.28 at 1.3x
 #   perplexity, +2.5 reached 1.6x, +5 repeated "apologize" (v3a, v3b);
 # - with the bias dim (shipped): on the v2 data the bias alone no longer raises toxicity (0.46 vs 0.48
@@ -246,7 +247,7 @@ STEER_ENV = {"detox": {"OMP_NUM_THREADS": "1"}}
 
 
 def make_steers(names: list[str]) -> None:
-    from vllm_steer.default_model import default_model_dir
+    from vllm_steer.tools.default_model import default_model_dir
 
     model = str(default_model_dir())
     for name in names:

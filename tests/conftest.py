@@ -25,16 +25,16 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         del os.environ["TRITON_INTERPRET"]
 
 import pytest  # noqa: E402
-from safetensors import safe_open  # noqa: E402
 
 from vllm_steer import SteerFile, embedding_fingerprint  # noqa: E402
-from vllm_steer.default_model import default_model_dir  # noqa: E402
-from vllm_steer.server_process import (  # noqa: E402
+from vllm_steer.serving.server_process import (  # noqa: E402
     CPU_SERVER_ARGS,
     ServerProcess,
     plain_server_command,
     steer_server_command,
 )
+from vllm_steer.tools import random_steer as random_steers  # noqa: E402
+from vllm_steer.tools.default_model import default_model_dir, default_output_embedding  # noqa: E402
 
 # Prefix caching and chunked prefill on, with a token budget small enough that the long
 # prompt in the isolation test is prefilled in several chunks.
@@ -55,17 +55,13 @@ def model_dir() -> Path:
 
 @pytest.fixture(scope="session")
 def output_embedding(model_dir: Path) -> torch.Tensor:
-    with safe_open(str(model_dir / "model.safetensors"), framework="pt") as f:
-        return f.get_tensor("model.embed_tokens.weight")
+    return default_output_embedding(model_dir)
 
 
 def random_steer(dim_names: list[str], rank: int, seed: int, fingerprint: dict | None, **kw) -> SteerFile:
-    g = torch.Generator().manual_seed(seed)
-    k = len(dim_names)
-    p1 = torch.randn(k, 576, rank, generator=g) * STEER_SIGMA
-    p2 = torch.randn(k, 576, rank, generator=g) * STEER_SIGMA
-    return SteerFile.create(p1, p2, dim_names=dim_names, epsilon=1e-3, base_model="SmolLM2-135M-Instruct",
-                            fingerprint=fingerprint, **kw)
+    """A random steer for the default model (D = 576) at the suite's strength."""
+    return random_steers.random_steer(dim_names, 576, rank, seed=seed, sigma=STEER_SIGMA, fingerprint=fingerprint,
+                                      base_model="SmolLM2-135M-Instruct", **kw)
 
 
 @pytest.fixture(scope="session")

@@ -135,7 +135,8 @@ def test_unload_while_a_request_is_in_flight(servers, gamma):
 
 
 def test_load_and_unload_routes_need_the_operator_opt_in(monkeypatch):
-    from vllm_steer.vllm_integration import RUNTIME_UPDATES_ENV, SteerEndpoints
+    from vllm_steer.plugin import SteerEndpoints
+    from vllm_steer.serving.config import RUNTIME_UPDATES_ENV
 
     def paths(allowed: bool) -> set[str]:
         if allowed:

@@ -19,17 +19,19 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcRequestState
 from vllm.v1.worker.gpu.sample.logits_processor.loader import build_custom_logits_processors_params_validator
 
 from vllm_steer import SteerConfig, SteerFile
-from vllm_steer import vllm_integration as integration
-from vllm_steer.vllm_integration import _STEP, SteerLogitsProcessor
+from vllm_steer.plugin import SteerLogitsProcessor
+from vllm_steer.serving import config as serving_config
+from vllm_steer.serving.step import STEP
+from vllm_steer.steer.values import parse_steer_args, steer_values
 
 
 @pytest.fixture
 def served(steer_paths, monkeypatch):
     monkeypatch.setenv("VLLM_STEER_CONFIG", SteerConfig(steers=steer_paths).to_json())
-    monkeypatch.setattr(integration, "_SERVED_CONFIG", None)
-    _STEP.layer_seen = True  # no model here: the layer's start-up check is covered end to end
+    monkeypatch.setattr(serving_config, "_SERVED", None)
+    STEP.layer_seen = True  # no model here: the layer's start-up check is covered end to end
     yield {name: SteerFile.load(path) for name, path in steer_paths.items()}
-    monkeypatch.setattr(_STEP, "table", None)
+    monkeypatch.setattr(STEP, "table", None)
 
 
 def stand_in_config(v2: bool, max_num_seqs: int = 8):
@@ -45,7 +47,7 @@ def expected_row(h, steers, xargs):
     out = h.double().clone()
     for key, value in (xargs or {}).items():
         steer = steers[key.removeprefix("steer_")]
-        s = steer.header.steer_vector(value)
+        s = value if isinstance(value, list) else steer_values(steer.header, value)
         for k, s_k in enumerate(s):
             p1, p2 = steer.projector1[k].double(), steer.projector2[k].double()
             out += steer.header.epsilon * s_k * (h.double() @ p1) @ p2.T
@@ -55,7 +57,7 @@ def expected_row(h, steers, xargs):
 def test_mrv2_loader_accepts_the_processor_and_validates_requests(served):
     from vllm.exceptions import VLLMValidationError
 
-    validate = build_custom_logits_processors_params_validator(["vllm_steer.vllm_integration:SteerLogitsProcessor"])
+    validate = build_custom_logits_processors_params_validator(["vllm_steer.plugin:SteerLogitsProcessor"])
     validate(SamplingParams(extra_args={"steer_alpha": 3}))
     with pytest.raises(VLLMValidationError, match="unknown steer 'nope'"):
         validate(SamplingParams(extra_args={"steer_nope": 3}))
@@ -100,7 +102,7 @@ def run_real_sample(runner_cls, h, rows):
     seen = {}
 
     def compute_logits(hidden):
-        seen["h"] = _STEP.take(hidden)
+        seen["h"] = STEP.take(hidden)
         raise _LogitsComputed
 
     runner = SimpleNamespace(batch_sharder=None, model=SimpleNamespace(compute_logits=compute_logits))
@@ -150,8 +152,8 @@ def test_v1_table_follows_batch_updates(served):
             moved.append((a, b, MoveDirectionality.SWAP))
         proc.update_state(BatchUpdate(batch_size=len(model), removed=removed, added=added, moved=moved))
         for row, xargs in enumerate(model):
-            request = integration.parse_steer_args(xargs, proc.table.config.catalog, 50)
+            request = parse_steer_args(xargs, proc.table.config.catalog, 50)
             want = proc.table.bank.row_values(request)
             assert proc.table.host[row].tolist() == pytest.approx(want), (row, xargs)
-        assert _STEP.armed_rows == len(model)
-        assert _STEP.steered == any(bool(x) for x in model)
+        assert STEP.armed_rows == len(model)
+        assert STEP.steered == any(bool(x) for x in model)

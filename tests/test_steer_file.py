@@ -11,8 +11,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from vllm_steer import SteerFile, SteerFileError, embedding_fingerprint
-from vllm_steer.reference_checkpoint import convert_reference_checkpoint
-from vllm_steer.steer_file import fingerprint_mismatch, read_header
+from vllm_steer.steer.file import read_header
+from vllm_steer.steer.fingerprint import fingerprint_mismatch
+from vllm_steer.tools.reference import convert_reference_checkpoint
 
 
 def make_steer(k=2, d=24, r=5, seed=0, **kw) -> SteerFile:
@@ -96,14 +97,6 @@ def test_fingerprint_tells_models_apart_and_tolerates_bf16():
     # A tensor-parallel shard is checked on the rows it holds.
     assert fingerprint_mismatch(fp, emb[500:], first_row=500) is None
     assert fingerprint_mismatch(fp, torch.randn(500, 32), first_row=500) is not None
-
-
-def test_steer_vector_from_a_number_or_a_list():
-    h = make_steer(bias_dims={"bias": 1.0}).header
-    assert h.steer_vector(5) == [5.0, 1.0]
-    assert h.steer_vector([2, 0]) == [2.0, 0.0]
-    with pytest.raises(ValueError, match="list of 2"):
-        h.steer_vector([1])
 
 
 def write_reference_checkpoint(path, k=2, d=24, r=6, **args):

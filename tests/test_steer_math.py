@@ -1,5 +1,5 @@
-"""The steer math (SteerBank + the torch op) against the paper's formula in float64, and the
-request parsing. Pure torch, no vLLM."""
+"""The steer math (the formula module, SteerBank + the torch op) against the paper's formula
+computed independently in float64, and the request values. Pure torch, no vLLM."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 
 from vllm_steer import SteerFile, SteerRequestError, parse_steer_args, steer_args
 from vllm_steer.kernels import steer_hidden_dense_torch, steer_hidden_torch
-from vllm_steer.steer_bank import SteerBank
+from vllm_steer.steer.formula import SteerBank, steered_hidden
+from vllm_steer.steer.values import steer_values
 
 D = 40
 
@@ -42,6 +43,14 @@ def test_bank_matches_formula_per_row_with_mixed_steers():
         expected = formula(h[i], [({"a": a, "b": b}[n], v) for n, v in req.items()])
         torch.testing.assert_close(out[i].double(), expected, rtol=1e-5, atol=1e-5)
         assert not torch.equal(out[i], h[i]) or not any(any(v) for v in req.values())
+        # The formula module's own form (projectors, one steer at a time) is the same function.
+        via_formula = h[i:i + 1].double()
+        for n, v in req.items():
+            s = {"a": a, "b": b}[n]
+            via_formula = via_formula + steered_hidden(h[i:i + 1].double(), torch.tensor([v]).double(),
+                                                       s.projector1.double(), s.projector2.double(),
+                                                       s.header.epsilon) - h[i:i + 1].double()
+        torch.testing.assert_close(via_formula[0], expected, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -95,6 +104,15 @@ def test_parse_numbers_lists_and_foreign_keys():
     assert parsed == {"tone": [3.0, 1.0], "topic": [-2.0]}
     assert parse_steer_args(None, CATALOG, 10) == {}
     assert steer_args(tone=3, topic=[1]) == {"steer_tone": 3, "steer_topic": [1]}
+
+
+def test_a_number_sets_one_dim_and_keeps_the_bias_dims_on():
+    header = CATALOG["tone"]
+    assert steer_values(header, 5) == [5.0, 1.0]
+    assert steer_values(header, 2, dim="bias") == [0.0, 2.0]
+    assert steer_values(CATALOG["topic"], -1) == [-1.0]
+    with pytest.raises(ValueError, match="no dim 'mood'"):
+        steer_values(header, 1, dim="mood")
 
 
 @pytest.mark.parametrize(

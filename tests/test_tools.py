@@ -11,10 +11,14 @@ from steer_toy import make_toy_model
 
 from vllm_steer import SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
-from vllm_steer.compose import compose_steers
-from vllm_steer.interpret import explain_text, explanation_html, explanation_terminal, mean_context, steer_keywords
-from vllm_steer.training import final_hidden_states, load_frozen_model, output_head, steered_hidden
-from vllm_steer.transfer import fit_embedding_map, shared_vocabulary, transfer_between_models, transfer_steer
+from vllm_steer.steer.formula import steered_hidden
+from vllm_steer.steer.values import steer_values
+from vllm_steer.tools import random_steer as random_steers
+from vllm_steer.tools.compose import compose_steers
+from vllm_steer.tools.explain import explain_text, explanation_html, explanation_terminal
+from vllm_steer.tools.hf_model import final_hidden_states, load_frozen_model, output_head
+from vllm_steer.tools.keywords import mean_context, steer_keywords
+from vllm_steer.tools.transfer import fit_embedding_map, shared_vocabulary, transfer_between_models, transfer_steer
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +29,8 @@ def toy(tmp_path_factory):
 
 
 def random_steer(dims, d=32, rank=4, seed=0, eps=1e-3, bias=None, fingerprint=None) -> SteerFile:
-    g = torch.Generator().manual_seed(seed)
-    p1, p2 = torch.randn(len(dims), d, rank, generator=g), torch.randn(len(dims), d, rank, generator=g)
-    return SteerFile.create(p1, p2, dim_names=dims, epsilon=eps, bias_dims=bias or {}, fingerprint=fingerprint)
+    return random_steers.random_steer(dims, d, rank, seed=seed, epsilon=eps, bias_dims=bias or {},
+                                      fingerprint=fingerprint)
 
 
 def word_steer(lm, tokenizer, word: str, sign: float) -> SteerFile:
@@ -123,7 +126,7 @@ def test_compose_equals_applying_each_steer(tmp_path):
     c = SteerFile.load(out)
     assert c.header.dim_names == ("a_tone", "a_bias", "b_detox") and c.header.rank == 6
     assert c.header.bias_dims == {"a_bias": 1.0} and c.header.primary_dim == "a_tone"
-    assert c.header.steer_vector(3.0) == [3.0, 1.0, 0.0]
+    assert steer_values(c.header, 3.0) == [3.0, 1.0, 0.0]
     h = torch.randn(5, 32)
     for va, vb in [(3.0, -2.0), (-5.0, 0.5), (0.0, 0.0)]:
         separate = (steered_hidden(h, torch.tensor([[va, 1.0]]).expand(5, -1), a.projector1, a.projector2, 1e-3)

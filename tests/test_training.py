@@ -11,24 +11,20 @@ from steer_toy import NEGATIVE, POSITIVE, make_toy_model, toy_sentiment_rows
 
 from vllm_steer import SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
-from vllm_steer.training import LabelledText as Text
-from vllm_steer.training import (
+from vllm_steer.steer.formula import steered_hidden
+from vllm_steer.tools.hf_model import final_hidden_states, load_frozen_model, output_head
+from vllm_steer.tools.hidden_cache import build_cache
+from vllm_steer.tools.training import (
     TrainConfig,
-    build_cache,
     cached_step_loss,
-    file_sha256,
-    final_hidden_states,
     initial_projectors,
-    load_frozen_model,
-    load_labelled_file,
-    load_text_pair,
-    output_head,
     prepare_examples,
     recompute_step_loss,
-    steered_hidden,
     train_on_cache,
     training_vectors,
 )
+from vllm_steer.tools.training_data import LabelledText as Text
+from vllm_steer.tools.training_data import file_sha256, load_labelled_file, load_text_pair
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +99,7 @@ def test_padding_is_not_in_the_loss(toy, toy_data):
 def test_hidden_state_is_what_feeds_the_lm_head():
     """On the real default model, h @ E^T reproduces the model's own logits: h is the post-norm
     final hidden state, not a pre-norm one."""
-    from vllm_steer.default_model import default_model_dir
+    from vllm_steer.tools.default_model import default_model_dir
 
     lm, tokenizer = load_frozen_model(default_model_dir())
     ids = torch.tensor([tokenizer("The weather today is lovely and")["input_ids"]])

@@ -1,13 +1,16 @@
 """vllm-steer: LM-Steer (Han et al., ACL 2024) served by vLLM, each request with its own steer.
 
-The public API is small: `SteerFile` (the file format), `steer_args` (a request's
-per-request values), `SteerConfig` (which steers a server loads). The vLLM integration lives
-in `vllm_steer.vllm_integration` and is imported only inside vLLM's processes.
+The public API is small: `SteerFile` (the file format), `steer_args` (a request's per-request
+values), `SteerConfig` (which steers a server loads). The layout shows the architecture:
+`steer/` is the steer itself (format, math, request values; no vLLM), `serving/` everything that
+touches vLLM (imported only inside vLLM's processes), `tools/` the steer tools, `cli/` the
+command line, `plugin` the names vLLM loads, and `kernels` the steer op (torch and Triton).
 """
 
-from .steer_config import SteerConfig
-from .steer_file import SteerFile, SteerFileError, SteerHeader, embedding_fingerprint
-from .steer_request import SteerRequestError, parse_steer_args, steer_args
+from .serving.config import SteerConfig
+from .steer.file import SteerFile, SteerFileError, SteerHeader
+from .steer.fingerprint import embedding_fingerprint
+from .steer.values import SteerRequestError, parse_steer_args, steer_args
 
 __all__ = [
     "SteerConfig",

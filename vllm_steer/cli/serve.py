@@ -1,0 +1,77 @@
+"""The serving subcommands: `serve` (vLLM's OpenAI-compatible server with steers loaded) and
+`default-model` (the embedded default model's folder)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from vllm_steer.serving.config import DEFAULT_MAX_ABS_VALUE, RUNTIME_UPDATES_ENV, SteerConfig
+
+from .arguments import name_value_pairs
+
+STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
+
+
+def add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="start vLLM's OpenAI server with steers loaded; other args go to vLLM",
+                       description="Unrecognised arguments are passed on to vLLM's server unchanged.")
+    p.add_argument("model")
+    p.add_argument("--steer", action="append", default=[], metavar="NAME=PATH",
+                   help="load a steer file under NAME; requests use it with vllm_xargs {'steer_NAME': value}")
+    p.add_argument("--max-abs-value", type=float, default=DEFAULT_MAX_ABS_VALUE,
+                   help="largest |steer value| a request may ask for (default %(default)s)")
+    p.add_argument("--steer-bound", action="append", default=[], metavar="NAME=BOUND",
+                   help="a bound for one steer, overriding the file's and --max-abs-value")
+    p.add_argument("--steer-endpoints", action="store_true", help="serve GET /v1/steers (lists the loaded steers)")
+    p.add_argument("--allow-runtime-updates", action="store_true",
+                   help="also serve POST /v1/load_steer and /v1/unload_steer (implies --steer-endpoints)")
+    p.set_defaults(func=run_serve, passthrough=True)
+
+
+def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
+    """Start vLLM's OpenAI-compatible server with the steers loaded. Runs the server module
+    directly: the CPU wheel's `vllm serve` cannot find its own distribution."""
+    from vllm_steer.steer.file import SteerFile
+
+    config = SteerConfig(steers=name_value_pairs(args.steer, "--steer", "NAME=PATH"),
+                         bounds=name_value_pairs(args.steer_bound, "--steer-bound", "NAME=BOUND", float),
+                         max_abs_value=args.max_abs_value)
+    for name, path in config.steers.items():
+        SteerFile.load(path)  # fail here, in a second, rather than after the engine starts
+        print(f"vllm-steer: steer {name!r} <- {path} (|value| <= {config.value_bounds[name]:g})", file=sys.stderr)
+    config.export()
+    if args.steer_endpoints or args.allow_runtime_updates:
+        os.environ["VLLM_PLUGINS"] = plugins_allowlist_with_steer_endpoints(os.environ.get("VLLM_PLUGINS"))
+    if args.allow_runtime_updates:
+        os.environ[RUNTIME_UPDATES_ENV] = "1"
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
+            "--logits-processors", STATE_PROCESSOR, *vllm_args]
+    os.execv(sys.executable, argv)
+
+
+def plugins_allowlist_with_steer_endpoints(current: str | None) -> str:
+    """VLLM_PLUGINS that also opts in to vllm-steer's HTTP routes. Unset means "every general
+    plugin", so that list is spelled out rather than narrowed to ours."""
+    from importlib.metadata import entry_points
+
+    if current is None:
+        names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
+    else:
+        names = current.split(",")
+    return ",".join(dict.fromkeys([n for n in names if n] + ["vllm_steer"]))
+
+
+def add_default_model(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("default-model", help="print the embedded default model's folder, preparing it if needed")
+    p.set_defaults(func=run_default_model)
+
+
+def run_default_model(args: argparse.Namespace) -> None:
+    from vllm_steer.tools.default_model import default_model_dir
+
+    print(default_model_dir())
+
+
+COMMANDS = [add_serve, add_default_model]

@@ -1,0 +1,113 @@
+"""The per-request state processor named with `--logits-processors`: it keeps each request's steer
+values in the table the steered layer reads, for either model runner, and validates requests in
+the API front end."""
+
+from __future__ import annotations
+
+import torch
+from vllm import SamplingParams
+from vllm.config import VllmConfig
+from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
+from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
+from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
+
+from vllm_steer.steer.values import SteerRequestError, has_steer_keys, parse_steer_args
+
+from .compat import install_mrv2_sample_hook, register_plugin
+from .config import served_config
+from .metrics import METRICS
+from .step import STEP, logger
+from .table import SteerTable, load_fitting_steers
+
+
+class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
+    """Per-request steer values, for either model runner: vLLM loads it through the V1
+    interface under the legacy runner and through the V2 interface under Model Runner V2.
+    It edits no logits itself; it keeps the table the logits layer reads."""
+
+    @classmethod
+    def validate_params(cls, sampling_params: SamplingParams) -> None:
+        """Runs in the API front end for every request: a ValueError here is an HTTP 400."""
+        extra = sampling_params.extra_args
+        if not has_steer_keys(extra):
+            return
+        config = served_config()
+        try:
+            request = parse_steer_args(extra, config.catalog, config.value_bounds)
+            if request and sampling_params.prompt_logprobs is not None:
+                raise SteerRequestError("prompt_logprobs cannot be combined with steering (they would be unsteered)",
+                                        "prompt_logprobs")
+        except SteerRequestError as e:
+            METRICS.rejected.labels(reason=e.reason).inc()
+            raise
+        for name, values in request.items():
+            METRICS.requests.labels(steer=name).inc()
+            METRICS.values.labels(steer=name).observe(values[config.catalog[name].primary_index])
+
+    def __init__(self, vllm_config: VllmConfig, *runner_args: object) -> None:
+        """MRV1 passes (device, is_pin_memory); MRV2 passes (req_states)."""
+        # The model is built after this runs: make sure it gets the steered layer even where
+        # VLLM_PLUGINS keeps the entry point from loading.
+        register_plugin()
+        self.v2 = bool(vllm_config.use_v2_model_runner)
+        if self.v2:
+            if vllm_config.parallel_config.enable_batch_sharded_sampling:
+                raise RuntimeError("vllm-steer does not support batch-sharded sampling; turn it off to steer")
+            (req_states,) = runner_args
+            device, capacity = req_states.device, req_states.max_num_reqs
+            install_mrv2_sample_hook()
+        else:
+            device, _ = runner_args
+            capacity = vllm_config.scheduler_config.max_num_seqs
+        config = served_config()
+        files = load_fitting_steers(config, list(config.steers), vllm_config.model_config.get_hidden_size())
+        self.batch_size = 0
+        self.steered = False
+        self.staged = False
+        STEP.table = SteerTable(config, files, capacity, torch.device(device))
+        STEP.vocab_size = vllm_config.model_config.get_vocab_size()
+        bank = STEP.table.bank
+        logger.info("vllm-steer: loaded steers %s (K_total=%d, R=%d, %s)", ", ".join(config.steers),
+                    bank.num_dims, bank.total_rank, "model runner V2" if self.v2 else "legacy model runner")
+
+    @property
+    def table(self) -> SteerTable:
+        # Not kept on self: a runtime load or unload replaces the process's table.
+        return STEP.table
+
+    # -- legacy model runner (V1 interface): rows of the persistent batch
+    def update_state(self, batch_update: BatchUpdate | None) -> None:
+        table = self.table
+        if batch_update is not None:
+            for row in batch_update.removed:
+                table.clear(row)
+            for row, params, _, _ in batch_update.added:
+                table.set(row, params)
+            for src, dst, direction in batch_update.moved:
+                if direction == MoveDirectionality.SWAP:
+                    table.swap(src, dst)
+                else:
+                    table.move(src, dst)
+            self.batch_size = batch_update.batch_size
+            self.steered = bool(table.steered[: self.batch_size].any())
+            if self.steered:
+                table.flush(self.batch_size)
+        STEP.arm(self.batch_size, self.steered)
+
+    def is_argmax_invariant(self) -> bool:
+        # apply() leaves logits alone; the steering happened before the LM head.
+        return True
+
+    # -- Model Runner V2 (V2 interface): request slots, recycled without a remove callback
+    def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        self.table.set(req_idx, sampling_params)
+        self.staged = True
+        return False  # apply() edits nothing
+
+    def apply_staged_writes(self) -> None:
+        if self.staged:
+            self.table.flush()
+            self.staged = False
+
+    def apply(self, logits: torch.Tensor, ctx: object = None) -> torch.Tensor:
+        return logits

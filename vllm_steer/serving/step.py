@@ -1,0 +1,104 @@
+"""The step mailbox, one per worker process: what the state processor hands the steered logits layer
+for the coming sampling call (the table, the armed row count, the row -> index map), and the
+check that every steer fits the served model's output embedding, agreed by all TP ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from vllm.logger import init_logger
+
+from vllm_steer.steer.file import SteerFileError
+from vllm_steer.steer.fingerprint import fingerprint_mismatch
+
+from .config import SteerConfig
+from .table import SteerTable
+
+logger = init_logger("vllm.vllm_steer")  # under vLLM's logger: its handler, level and format
+
+
+@dataclass
+class StepState:
+    """What the state processor hands the logits layer for the coming sampling call."""
+
+    table: SteerTable | None = None
+    armed_rows: int = 0  # the next compute_logits with this many rows is the step's sampling call
+    steered: bool = False  # any row of the armed step has nonzero values
+    row_to_index: torch.Tensor | None = None  # MRV2: logits row -> slot; MRV1: None (row i is row i)
+    layer_seen: bool = False  # set by the steered layer's first call: it is in the model
+    vocab_size: int = 0
+    lm_head: torch.nn.Module | None = None  # kept to check steers loaded at run time
+
+    def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
+        self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
+        if steered and not self.layer_seen:
+            raise RuntimeError("vllm-steer: the model has no steered logits layer; refusing to serve unsteered")
+
+    def check_model(self, lm_head: torch.nn.Module) -> None:
+        """Once, at the first logits computation (vLLM's start-up profile run): each steer
+        must fit this model's output embedding, or the server does not start."""
+        self.layer_seen, self.lm_head = True, lm_head
+        self.check_fingerprints(self.table.config)
+
+    def check_fingerprints(self, config: SteerConfig, names: list[str] | None = None) -> None:
+        weight = getattr(self.lm_head, "weight", None)
+        shard = getattr(self.lm_head, "shard_indices", None)
+        hidden_size = self.table.bank.hidden_size
+        if weight is None or weight.dim() != 2 or weight.shape[1] != hidden_size or shard is None:
+            logger.warning("vllm-steer: the LM head is not a plain [V, D] weight; embedding fingerprints not checked")
+            return
+        names = [n for n in (names if names is not None else config.steers) if config.catalog[n].fingerprint]
+        problems = [fingerprint_mismatch(config.catalog[n].fingerprint, weight[: shard.num_org_elements],
+                                         first_row=shard.org_vocab_start_index, vocab_size=self.vocab_size)
+                    for n in names]
+        refused = refused_by_any_tp_rank([p is not None for p in problems], weight.device)
+        for name, problem, refuse in zip(names, problems, refused, strict=True):
+            if refuse:
+                base_model = config.catalog[name].base_model
+                raise SteerFileError(
+                    f"steer {name!r} ({config.steers[name]}) does not fit this model's output embedding: "
+                    + (problem or "another tensor-parallel rank found a mismatch in its vocabulary shard")
+                    + (f"; it was made for {base_model}" if base_model else "")
+                )
+
+    def take(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Steer the step's sampling rows; anything else (profiling, prompt logprobs, a
+        draft model) passes through untouched."""
+        if self.armed_rows != hidden_states.shape[0]:
+            return hidden_states
+        self.armed_rows = 0
+        if not self.steered:
+            return hidden_states
+        table, bank = self.table, self.table.bank
+        # fp32 weights (exact, and what the CPU torch op computes in anyway), except on a GPU
+        # serving a half-precision model, where the kernel reads the weights in the model's
+        # dtype: half the bytes, and within the rounding the model's own hidden state has.
+        weight_dtype = hidden_states.dtype if hidden_states.is_cuda else torch.float32
+        if weight_dtype not in (torch.bfloat16, torch.float16):
+            weight_dtype = torch.float32
+        if bank.placement != (hidden_states.device, weight_dtype):
+            bank.to(hidden_states.device, weight_dtype)
+            logger.info("vllm-steer: steer basis on %s in %s, %s", hidden_states.device, weight_dtype,
+                        "as dense W_k (one GEMM)" if bank.dense is not None else f"as factors (R={bank.total_rank})")
+        rows = hidden_states.shape[0]
+        values = table.device[:rows] if self.row_to_index is None else table.device[self.row_to_index]
+        return bank.steer(hidden_states, values)
+
+
+STEP = StepState()
+
+
+def refused_by_any_tp_rank(refused_here: list[bool], device: torch.device) -> list[bool]:
+    """Under tensor parallelism each rank checks only its own vocabulary shard. The ranks must
+    refuse together: a rank that passed would otherwise wait forever in the logits gather (or
+    serve a steer set its peers refused)."""
+    from vllm.distributed import parallel_state
+
+    if not refused_here or not parallel_state.model_parallel_is_initialized():
+        return refused_here
+    group = parallel_state.get_tp_group()
+    if group.world_size == 1:
+        return refused_here
+    votes = group.all_reduce(torch.tensor(refused_here, dtype=torch.float32, device=device))
+    return (votes > 0).tolist()

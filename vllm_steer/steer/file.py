@@ -1,0 +1,221 @@
+"""The steer file: LM-Steer projectors in safetensors, with metadata that makes the file
+self-describing and safe to load (no pickle, ever).
+
+A steer holds K named dimensions. Dimension k is the pair projector1[k], projector2[k]
+(each [D, r]); a request's value s_k scales W_k = projector1[k] @ projector2[k]^T and
+the hidden state h that feeds the LM head becomes h + eps * sum_k s_k (h @ P1_k) @ P2_k^T.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+FORMAT = "vllm-steer/1"
+TENSOR_KEYS = ("projector1", "projector2")
+
+
+class SteerFileError(ValueError):
+    """A steer file is malformed, or does not fit the model it is loaded onto."""
+
+
+@dataclass(frozen=True)
+class SteerHeader:
+    """Everything about a steer except its weights: what the front end needs to validate
+    requests, and what `vllm-steer inspect` prints."""
+
+    dim_names: tuple[str, ...]
+    epsilon: float
+    hidden_size: int
+    rank: int
+    primary_dim: str
+    bias_dims: dict[str, float] = field(default_factory=dict)
+    base_model: str | None = None
+    fingerprint: dict[str, Any] | None = None
+    recipe: dict[str, Any] | None = None
+    source: str | None = None
+    max_abs_value: float | None = None  # the largest |value| the maker vouches for; servers enforce it
+
+    @property
+    def num_dims(self) -> int:
+        return len(self.dim_names)
+
+    @property
+    def primary_index(self) -> int:
+        return self.dim_names.index(self.primary_dim)
+
+    def dim_index(self, dim: str | None = None) -> int:
+        """The index of dim `dim` (default: the primary dim); a ValueError names the dims there are."""
+        name = dim or self.primary_dim
+        if name not in self.dim_names:
+            raise ValueError(f"no dim {name!r} in this steer (dims: {list(self.dim_names)})")
+        return self.dim_names.index(name)
+
+    def __post_init__(self) -> None:
+        names = self.dim_names
+        if not names or len(set(names)) != len(names) or not all(isinstance(n, str) and n for n in names):
+            raise SteerFileError(f"dim_names must be distinct non-empty strings, got {list(names)}")
+        if self.primary_dim not in names:
+            raise SteerFileError(f"primary_dim {self.primary_dim!r} is not one of {list(names)}")
+        if self.primary_dim in self.bias_dims:
+            raise SteerFileError(f"primary_dim {self.primary_dim!r} cannot also be a bias dim")
+        for name, value in self.bias_dims.items():
+            if name not in names:
+                raise SteerFileError(f"bias dim {name!r} is not one of {list(names)}")
+            if not math.isfinite(value):
+                raise SteerFileError(f"bias dim {name!r} has a non-finite value {value}")
+        if not (math.isfinite(self.epsilon) and self.epsilon > 0):
+            raise SteerFileError(f"epsilon must be a positive finite number, got {self.epsilon}")
+        if self.max_abs_value is not None and not (math.isfinite(self.max_abs_value) and self.max_abs_value > 0):
+            raise SteerFileError(f"max_abs_value must be a positive finite number, got {self.max_abs_value}")
+        if self.hidden_size <= 0 or self.rank <= 0:
+            raise SteerFileError(f"hidden_size and rank must be positive, got {self.hidden_size}, {self.rank}")
+
+    def to_metadata(self) -> dict[str, str]:
+        meta = {
+            "format": FORMAT,
+            "dim_names": json.dumps(list(self.dim_names)),
+            "primary_dim": self.primary_dim,
+            "bias_dims": json.dumps(self.bias_dims),
+            "epsilon": repr(float(self.epsilon)),
+            "hidden_size": str(self.hidden_size),
+            "rank": str(self.rank),
+            "num_dims": str(self.num_dims),
+        }
+        optional = {"base_model": self.base_model, "source": self.source,
+                    "max_abs_value": None if self.max_abs_value is None else repr(float(self.max_abs_value))}
+        meta.update({k: v for k, v in optional.items() if v is not None})
+        for key in ("fingerprint", "recipe"):
+            if getattr(self, key) is not None:
+                meta[key] = json.dumps(getattr(self, key))
+        return meta
+
+    @classmethod
+    def from_metadata(cls, meta: dict[str, str] | None, where: str = "steer file") -> SteerHeader:
+        meta = meta or {}
+        if meta.get("format") != FORMAT:
+            raise SteerFileError(
+                f"{where}: not a vllm-steer file (metadata 'format' is {meta.get('format')!r}, "
+                f"expected {FORMAT!r}); import a reference checkpoint with `vllm-steer convert`"
+            )
+        try:
+            header = cls(
+                dim_names=tuple(json.loads(meta["dim_names"])),
+                epsilon=float(meta["epsilon"]),
+                hidden_size=int(meta["hidden_size"]),
+                rank=int(meta["rank"]),
+                primary_dim=meta["primary_dim"],
+                bias_dims={k: float(v) for k, v in json.loads(meta.get("bias_dims", "{}")).items()},
+                base_model=meta.get("base_model"),
+                fingerprint=json.loads(meta["fingerprint"]) if "fingerprint" in meta else None,
+                recipe=json.loads(meta["recipe"]) if "recipe" in meta else None,
+                source=meta.get("source"),
+                max_abs_value=float(meta["max_abs_value"]) if "max_abs_value" in meta else None,
+            )
+        except SteerFileError as e:
+            raise SteerFileError(f"{where}: {e}") from e
+        except (KeyError, ValueError, TypeError) as e:
+            raise SteerFileError(f"{where}: malformed metadata ({type(e).__name__}: {e})") from e
+        if int(meta.get("num_dims", header.num_dims)) != header.num_dims:
+            raise SteerFileError(f"{where}: num_dims {meta['num_dims']} != len(dim_names) {header.num_dims}")
+        return header
+
+
+@dataclass(frozen=True)
+class SteerFile:
+    """A steer: its header and projector1/projector2, each [K, D, r]."""
+
+    header: SteerHeader
+    projector1: torch.Tensor
+    projector2: torch.Tensor
+
+    def __post_init__(self) -> None:
+        h = self.header
+        expected = (h.num_dims, h.hidden_size, h.rank)
+        for name in TENSOR_KEYS:
+            tensor = getattr(self, name)
+            if tuple(tensor.shape) != expected:
+                raise SteerFileError(
+                    f"{name} has shape {tuple(tensor.shape)}, expected [K, D, r] = {list(expected)}"
+                )
+            if not tensor.is_floating_point():
+                raise SteerFileError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+            if not torch.isfinite(tensor).all():
+                raise SteerFileError(f"{name} contains NaN or infinite values")
+
+    @classmethod
+    def create(
+        cls,
+        projector1: torch.Tensor,
+        projector2: torch.Tensor,
+        *,
+        dim_names: list[str] | tuple[str, ...],
+        epsilon: float = 1e-3,
+        primary_dim: str | None = None,
+        bias_dims: dict[str, float] | None = None,
+        **header_fields: Any,
+    ) -> SteerFile:
+        """Build a steer from projectors shaped [K, D, r]; the primary dim defaults to the
+        first dim that is not a bias dim."""
+        bias_dims = dict(bias_dims or {})
+        if primary_dim is None:
+            free = [n for n in dim_names if n not in bias_dims]
+            if not free:
+                raise SteerFileError("a steer needs at least one dim that is not a bias dim")
+            primary_dim = free[0]
+        header = SteerHeader(
+            dim_names=tuple(dim_names),
+            epsilon=float(epsilon),
+            hidden_size=int(projector1.shape[1]),
+            rank=int(projector1.shape[2]),
+            primary_dim=primary_dim,
+            bias_dims=bias_dims,
+            **header_fields,
+        )
+        return cls(header, projector1, projector2)
+
+    def with_header(self, **changes: Any) -> SteerFile:
+        return SteerFile(replace(self.header, **changes), self.projector1, self.projector2)
+
+    def save(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+        tensors = {
+            name: getattr(self, name).detach().to("cpu", dtype or getattr(self, name).dtype).contiguous()
+            for name in TENSOR_KEYS
+        }
+        save_file(tensors, str(path), metadata=self.header.to_metadata())
+
+    @classmethod
+    def load(cls, path: str | Path) -> SteerFile:
+        """Read and check a steer file. Never unpickles."""
+        header = read_header(path)
+        with safe_open(str(path), framework="pt") as f:
+            missing = [k for k in TENSOR_KEYS if k not in f.keys()]
+            if missing:
+                raise SteerFileError(f"{path}: missing tensors {missing}")
+            tensors = {k: f.get_tensor(k) for k in TENSOR_KEYS}
+        try:
+            return cls(header, **tensors)
+        except SteerFileError as e:
+            raise SteerFileError(f"{path}: {e}") from e
+
+
+def read_header(path: str | Path) -> SteerHeader:
+    """The header alone (reads the safetensors JSON header, not the weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SteerFileError(f"steer file not found: {path}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+    except SteerFileError:
+        raise
+    except Exception as e:  # safetensors raises its own error types for garbage input
+        raise SteerFileError(f"{path}: not a readable safetensors file ({e})") from e
+    return SteerHeader.from_metadata(meta, where=str(path))
