@@ -1,4 +1,4 @@
-"""Offline use with vllm.LLM through vllm_steer.serving.offline.steered_llm gives what the server gives,
+"""Offline use with vllm.LLM through vllm_steer.steered_llm gives what the server gives,
 and the dense form of high-rank steers gives what the factored form gives."""
 
 from __future__ import annotations
@@ -19,8 +19,7 @@ CASES = [None, {"steer_alpha": 5}, {"steer_alpha": -5, "steer_beta": 3}, {"steer
 SCRIPT = """
 import json, sys
 from vllm import SamplingParams
-from vllm_steer import steer_args
-from vllm_steer.serving.offline import steered_llm
+from vllm_steer import steer_args, steered_llm
 
 if __name__ == "__main__":
     model, steers, prompts, cases = json.loads(sys.argv[1])

@@ -19,7 +19,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcRequestState
 from vllm.v1.worker.gpu.sample.logits_processor.loader import build_custom_logits_processors_params_validator
 
 from vllm_steer import SteerConfig, SteerFile
-from vllm_steer.plugin import SteerLogitsProcessor
+from vllm_steer.plugin import SteerLogitsProcessor, register_plugin
 from vllm_steer.serving import config as serving_config
 from vllm_steer.serving.step import STEP
 from vllm_steer.steer.values import parse_steer_args, steer_values
@@ -30,6 +30,7 @@ def served(steer_paths, monkeypatch):
     monkeypatch.setenv("VLLM_STEER_CONFIG", SteerConfig(steers=steer_paths).to_json())
     monkeypatch.setattr(serving_config, "_SERVED", None)
     STEP.layer_seen = True  # no model here: the layer's start-up check is covered end to end
+    register_plugin()  # as vLLM's plugin loader does in every process, before any model is built
     yield {name: SteerFile.load(path) for name, path in steer_paths.items()}
     monkeypatch.setattr(STEP, "table", None)
 
@@ -157,3 +158,16 @@ def test_v1_table_follows_batch_updates(served):
             assert proc.table.host[row].tolist() == pytest.approx(want), (row, xargs)
         assert STEP.armed_rows == len(model)
         assert STEP.steered == any(bool(x) for x in model)
+
+
+def test_mrv2_refuses_a_model_built_without_the_steered_layer(served, monkeypatch):
+    """Model Runner V2 builds processors after the model: if the general plugin did not register
+    the steered layer first (VLLM_PLUGINS without vllm_steer), start-up fails with the remedy
+    rather than serving requests unsteered."""
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    monkeypatch.delitem(op_registry_oot, "LogitsProcessor", raising=False)
+    req_states = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=4, vocab_size=49152,
+                                        all_token_ids=None, prompt_len=None, prefill_len=None, total_len=None)
+    with pytest.raises(RuntimeError, match="include vllm_steer"):
+        SteerLogitsProcessor(stand_in_config(v2=True), req_states)

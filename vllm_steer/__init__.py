@@ -1,13 +1,15 @@
 """vllm-steer: LM-Steer (Han et al., ACL 2024) served by vLLM, each request with its own steer.
 
 The public API is small: `SteerFile` (the file format), `steer_args` (a request's per-request
-values), `SteerConfig` (which steers a server loads). The layout shows the architecture:
-`steer/` is the steer itself (format, math, request values; no vLLM), `serving/` everything that
-touches vLLM (imported only inside vLLM's processes), `tools/` the steer tools, `cli/` the
-command line, `plugin` the names vLLM loads, and `kernels` the steer op (torch and Triton).
+values), `SteerConfig` (which steers a server loads), `steered_llm` (an offline `vllm.LLM`).
+The layout shows the architecture: `steer/` is the steer itself (format, math, request values;
+no vLLM), `serving/` everything that touches vLLM (imported only inside vLLM's processes),
+`tools/` the steer tools, `cli/` the command line, `plugin` the names vLLM loads, and
+`kernels` the packed steer op (torch and Triton).
 """
 
 from .serving.config import SteerConfig
+from .serving.offline import steered_llm
 from .steer.file import SteerFile, SteerFileError, SteerHeader
 from .steer.fingerprint import embedding_fingerprint
 from .steer.values import SteerRequestError, parse_steer_args, steer_args
@@ -21,4 +23,5 @@ __all__ = [
     "embedding_fingerprint",
     "parse_steer_args",
     "steer_args",
+    "steered_llm",
 ]

@@ -51,6 +51,18 @@ def expect_params(fn: object, expected: list[str]) -> None:
         raise RuntimeError(f"vLLM {getattr(fn, '__qualname__', fn)} has parameters {params}, expected {expected}")
 
 
+def require_steered_layer() -> None:
+    """Refuse to start where the model was built before the steered layer was registered (Model
+    Runner V2 builds logits processors after the model), rather than serve requests unsteered."""
+    registered = op_registry_oot.get(OOT_LAYER_NAME)
+    if registered is not SteeredLogitsLayer:
+        raise RuntimeError(
+            "vllm-steer: the model was built without the steered logits layer (registered in place of vLLM's "
+            f"LogitsProcessor: {registered}). Model Runner V2 builds logits processors after the model, so the "
+            "layer must come from the vllm_steer entry point of the vllm.general_plugins group: install vllm-steer "
+            "with pip, and if VLLM_PLUGINS is set, include vllm_steer in it.")
+
+
 def register_plugin() -> None:
     """The `vllm.general_plugins` entry point: swap in the steered logits layer. vLLM loads
     plugins in every process, possibly more than once, so this is idempotent."""

@@ -96,7 +96,7 @@ def served_config() -> SteerConfig:
         config = SteerConfig.from_env()
         if config is None or not config.steers:
             raise RuntimeError(f"no steers configured: set {ENV_VAR} (vllm-steer serve does) "
-                               "or use vllm_steer.serving.offline.steered_llm")
+                               "or use vllm_steer.steered_llm")
         _SERVED = config
     return _SERVED
 

@@ -13,7 +13,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from vllm_steer.steer.values import SteerRequestError, has_steer_keys, parse_steer_args
 
-from .compat import install_mrv2_sample_hook, register_plugin
+from .compat import install_mrv2_sample_hook, register_plugin, require_steered_layer
 from .config import served_config
 from .metrics import METRICS
 from .step import STEP, logger
@@ -46,17 +46,20 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: object) -> None:
         """MRV1 passes (device, is_pin_memory); MRV2 passes (req_states)."""
-        # The model is built after this runs: make sure it gets the steered layer even where
-        # VLLM_PLUGINS keeps the entry point from loading.
-        register_plugin()
         self.v2 = bool(vllm_config.use_v2_model_runner)
         if self.v2:
+            # Model Runner V2 builds its logits processors after the model: the steered layer
+            # must already be in it, registered by the vllm.general_plugins entry point.
+            require_steered_layer()
             if vllm_config.parallel_config.enable_batch_sharded_sampling:
                 raise RuntimeError("vllm-steer does not support batch-sharded sampling; turn it off to steer")
             (req_states,) = runner_args
             device, capacity = req_states.device, req_states.max_num_reqs
             install_mrv2_sample_hook()
         else:
+            # The legacy runner builds its processors before the model: registering here gives the
+            # model the steered layer even where VLLM_PLUGINS keeps the entry point from loading.
+            register_plugin()
             device, _ = runner_args
             capacity = vllm_config.scheduler_config.max_num_seqs
         config = served_config()

@@ -31,6 +31,8 @@ def reconfigure_worker(worker: object, config_json: str) -> dict:
     files = load_fitting_steers(served, added, table.bank.hidden_size)
     STEP.check_fingerprints(served, added)
     STEP.table = table.reconfigured(served, files)
+    if STEP.placement is not None:
+        STEP.place_table()
     return {"steers": list(STEP.table.files), "retired": list(STEP.table.retired)}
 
 

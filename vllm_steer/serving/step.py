@@ -29,17 +29,42 @@ class StepState:
     layer_seen: bool = False  # set by the steered layer's first call: it is in the model
     vocab_size: int = 0
     lm_head: torch.nn.Module | None = None  # kept to check steers loaded at run time
+    placement: tuple[torch.device, torch.dtype] | None = None  # the steer basis's device and dtype
+    hidden_dtype: torch.dtype | None = None  # the model's hidden state dtype (what the kernels are compiled for)
 
     def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
         self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
         if steered and not self.layer_seen:
             raise RuntimeError("vllm-steer: the model has no steered logits layer; refusing to serve unsteered")
 
-    def check_model(self, lm_head: torch.nn.Module) -> None:
-        """Once, at the first logits computation (vLLM's start-up profile run): each steer
-        must fit this model's output embedding, or the server does not start."""
+    def disarm(self) -> None:
+        """Forget the armed step: every per-step field together."""
+        self.armed_rows, self.steered, self.row_to_index = 0, False, None
+
+    def check_model(self, lm_head: torch.nn.Module, hidden_states: torch.Tensor) -> None:
+        """Once, at the first logits computation (vLLM's start-up profile run): each steer must
+        fit this model's output embedding, or the server does not start; then the steer basis
+        goes to the model's device (counted in vLLM's memory profile, before the KV cache is
+        sized) and the kernels it will launch are compiled, so that nothing compiles while serving."""
         self.layer_seen, self.lm_head = True, lm_head
         self.check_fingerprints(self.table.config)
+        # fp32 weights (exact, and what the CPU torch op computes in anyway), except on a GPU
+        # serving a half-precision model, where the kernel reads the weights in the model's
+        # dtype: half the bytes, and within the rounding the model's own hidden state has.
+        dtype = hidden_states.dtype if hidden_states.is_cuda else torch.float32
+        self.placement = (hidden_states.device, dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32)
+        self.hidden_dtype = hidden_states.dtype
+        self.place_table()
+
+    def place_table(self) -> None:
+        """Put the table's steer basis where the model is, and compile its kernels there (at
+        start-up, and when a runtime load or unload replaces the table)."""
+        device, dtype = self.placement
+        bank = self.table.bank.to(device, dtype)
+        compiled = bank.warm_up(self.table.capacity, self.hidden_dtype)
+        logger.info("vllm-steer: steer basis on %s in %s, %s%s", device, dtype,
+                    "as dense W_k (one GEMM)" if bank.dense is not None else f"as factors (R={bank.total_rank})",
+                    f"; {compiled} kernel variants compiled" if compiled else "")
 
     def check_fingerprints(self, config: SteerConfig, names: list[str] | None = None) -> None:
         weight = getattr(self.lm_head, "weight", None)
@@ -67,23 +92,13 @@ class StepState:
         draft model) passes through untouched."""
         if self.armed_rows != hidden_states.shape[0]:
             return hidden_states
-        self.armed_rows = 0
-        if not self.steered:
+        steered, row_to_index = self.steered, self.row_to_index
+        self.disarm()
+        if not steered:
             return hidden_states
-        table, bank = self.table, self.table.bank
-        # fp32 weights (exact, and what the CPU torch op computes in anyway), except on a GPU
-        # serving a half-precision model, where the kernel reads the weights in the model's
-        # dtype: half the bytes, and within the rounding the model's own hidden state has.
-        weight_dtype = hidden_states.dtype if hidden_states.is_cuda else torch.float32
-        if weight_dtype not in (torch.bfloat16, torch.float16):
-            weight_dtype = torch.float32
-        if bank.placement != (hidden_states.device, weight_dtype):
-            bank.to(hidden_states.device, weight_dtype)
-            logger.info("vllm-steer: steer basis on %s in %s, %s", hidden_states.device, weight_dtype,
-                        "as dense W_k (one GEMM)" if bank.dense is not None else f"as factors (R={bank.total_rank})")
-        rows = hidden_states.shape[0]
-        values = table.device[:rows] if self.row_to_index is None else table.device[self.row_to_index]
-        return bank.steer(hidden_states, values)
+        table, rows = self.table, hidden_states.shape[0]
+        values = table.device[:rows] if row_to_index is None else table.device[row_to_index]
+        return table.bank.steer(hidden_states, values)
 
 
 STEP = StepState()

@@ -40,6 +40,11 @@ class SteerTable:
         self.device = self.host if device.type == "cpu" else torch.zeros_like(self.host, device=device)
         self.steered = np.zeros(capacity + 1, dtype=bool)
 
+    @property
+    def capacity(self) -> int:
+        """The most rows (MRV1) or slots (MRV2) a step can have."""
+        return self.host.shape[0] - 1
+
     def in_use(self, name: str) -> bool:
         start = self.bank.offsets[name]
         return bool(self.host[:, start:start + self.files[name].header.num_dims].any())
@@ -55,7 +60,7 @@ class SteerTable:
         steers = {n: self.config.steers.get(n) or served.steers[n] for n in files}
         bounds = {n: served.value_bounds.get(n) or self.config.value_bounds[n] for n in files}
         config = SteerConfig(steers, served.max_abs_value, bounds)
-        table = SteerTable(config, files, self.host.shape[0] - 1, self.device_type)
+        table = SteerTable(config, files, self.capacity, self.device_type)
         table.retired = retired
         for name in kept:
             old, new, k = self.bank.offsets[name], table.bank.offsets[name], files[name].header.num_dims

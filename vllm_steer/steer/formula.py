@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_steer.kernels import steer_hidden, steer_hidden_dense_torch
+from vllm_steer.kernels import steer_hidden, steer_hidden_dense_torch, warm_up
 
 from .file import SteerFile, SteerHeader
 
@@ -109,6 +109,13 @@ class SteerBank:
         self.col_dim = self.col_dim.to(device)
         self.placement = (device, dtype)
         return self
+
+    def warm_up(self, max_rows: int, hidden_dtype: torch.dtype) -> int:
+        """Compile every kernel variant `steer` can launch for 1..max_rows rows of this dtype (on
+        CUDA; nothing to compile elsewhere). Returns how many variants ran."""
+        if self.dense is not None:
+            return 0
+        return warm_up(self.down, self.up, self.col_dim, self.num_dims, max_rows, hidden_dtype)
 
     def steer(self, hidden: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
         """Every row of `hidden` steered with its own [K_total] values (the bank on its device)."""
