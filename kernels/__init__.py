@@ -1,37 +1,38 @@
-"""The steer op, h -> h + delta(h, per-row values), as a fused Triton kernel for CUDA and a
-plain torch version beside it. `steer_hidden` picks the right one for the tensor's device."""
+"""The steer op, h -> h + delta(h, per-row steers), as Triton kernels for CUDA and plain torch beside
+them. `steer_hidden_gather` picks the right one for the tensors' device."""
 
 import torch
 
-from .steer_torch import steer_hidden_dense_torch, steer_hidden_torch
+from .steer_torch import steer_hidden_gather_torch
 
-__all__ = ["steer_hidden", "steer_hidden_dense_torch", "steer_hidden_torch", "warm_up"]
+__all__ = ["steer_hidden_gather", "steer_hidden_gather_torch", "warm_up"]
 
 
-def steer_hidden(
+def steer_hidden_gather(
     hidden: torch.Tensor,
     down: torch.Tensor,
     up: torch.Tensor,
-    col_dim: torch.Tensor,
+    cols: torch.Tensor,
+    row_steer: torch.Tensor,
     row_values: torch.Tensor,
 ) -> torch.Tensor:
-    """Steer every row of `hidden` with its own values: the Triton kernel on CUDA, torch
-    elsewhere. See `steer_hidden_torch` for the argument layout."""
+    """Steer every row of `hidden` by the steers it names (per-row gather): the Triton kernel on
+    CUDA, torch elsewhere. See `steer_hidden_gather_torch` for the argument layout."""
     if hidden.is_cuda:
-        from .steer_triton import steer_hidden_triton
+        from .steer_triton import steer_hidden_gather_triton
 
-        return steer_hidden_triton(hidden, down, up, col_dim, row_values)
-    return steer_hidden_torch(hidden, down, up, col_dim, row_values)
+        return steer_hidden_gather_triton(hidden, down, up, cols, row_steer, row_values)
+    return steer_hidden_gather_torch(hidden, down, up, cols, row_steer, row_values)
 
 
-def warm_up(down: torch.Tensor, up: torch.Tensor, col_dim: torch.Tensor, num_dims: int, max_batch: int,
-            hidden_dtype: torch.dtype) -> int:
-    """Compile every kernel variant `steer_hidden` can launch for batches of 1..max_batch rows of
-    `hidden_dtype` with these weights (down [D, R], up [R, D], col_dim [R]); nothing to do off CUDA.
-    Returns how many variants were launched."""
+def warm_up(down: torch.Tensor, up: torch.Tensor, cols: torch.Tensor, max_dims: int, max_batch: int,
+            max_steers: int, hidden_dtype: torch.dtype) -> int:
+    """Compile every kernel variant `steer_hidden_gather` can launch for batches of 1..max_batch rows
+    of `hidden_dtype`, each naming up to `max_steers` steers of up to `max_dims` dims, with these
+    weights; nothing to do off CUDA. Returns how many variants were launched."""
     if not down.is_cuda:
         return 0
     from .steer_triton import warm_up as warm_up_triton
 
-    return warm_up_triton(hidden_size=down.shape[0], total_rank=down.shape[1], num_dims=num_dims,
-                          hidden_dtype=hidden_dtype, weight_dtype=down.dtype, max_batch=max_batch, device=down.device)
+    return warm_up_triton(down, up, cols, max_dims=max_dims, max_batch=max_batch, max_steers=max_steers,
+                          hidden_dtype=hidden_dtype)

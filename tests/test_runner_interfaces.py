@@ -154,8 +154,11 @@ def test_v1_table_follows_batch_updates(served):
         proc.update_state(BatchUpdate(batch_size=len(model), removed=removed, added=added, moved=moved))
         for row, xargs in enumerate(model):
             request = parse_steer_args(xargs, proc.table.config.catalog, 50)
-            want = proc.table.bank.row_values(request)
-            assert proc.table.host[row].tolist() == pytest.approx(want), (row, xargs)
+            indices, values = proc.table.bank.row_entries(request)
+            held = [int(n) for n in proc.table.host_steers[row] if n >= 0]
+            assert held == indices, (row, xargs)
+            for slot, vals in enumerate(values):
+                assert proc.table.host_values[row, slot, :len(vals)].tolist() == pytest.approx(vals), (row, xargs)
         assert STEP.armed_rows == len(model)
         assert STEP.steered == any(bool(x) for x in model)
 

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from vllm_steer import SteerFile, SteerRequestError, parse_steer_args, steer_args
-from vllm_steer.kernels import steer_hidden_dense_torch, steer_hidden_torch
 from vllm_steer.steer.formula import SteerBank, steered_hidden
 from vllm_steer.steer.values import steer_values
 
@@ -31,68 +30,122 @@ def formula(h, steers_and_values):
     return out
 
 
-def test_bank_matches_formula_per_row_with_mixed_steers():
-    a = steer(["a", "bias"], 7, 0, 1e-3, bias_dims={"bias": 1.0})
-    b = steer(["b"], 3, 1, 5e-3)
-    bank = SteerBank({"a": a, "b": b})
-    requests = [{}, {"a": [5.0, 1.0]}, {"b": [-2.0]}, {"a": [-3.0, 1.0], "b": [4.0]}, {"a": [0.0, 0.0]}]
-    h = torch.randn(len(requests), D)
-    rows = torch.tensor([bank.row_values(r) for r in requests])
-    out = steer_hidden_torch(h, bank.down, bank.up, bank.col_dim, rows)
+def bank_rows(bank, requests, slots=4):
+    """The per-row (steers [B, S], values [B, S, Kmax]) the serving table would hold."""
+    steers = torch.full((len(requests), slots), -1, dtype=torch.int32)
+    values = torch.zeros(len(requests), slots, bank.max_dims)
     for i, req in enumerate(requests):
-        expected = formula(h[i], [({"a": a, "b": b}[n], v) for n, v in req.items()])
-        torch.testing.assert_close(out[i].double(), expected, rtol=1e-5, atol=1e-5)
-        assert not torch.equal(out[i], h[i]) or not any(any(v) for v in req.values())
+        for s, (n, vals) in enumerate(zip(*bank.row_entries(req), strict=True)):
+            steers[i, s] = n
+            values[i, s, :len(vals)] = torch.tensor(vals)
+    return steers, values
+
+
+def check_against_formula(bank, steers_by_name, requests, h, out, tol=1e-5):
+    for i, req in enumerate(requests):
+        expected = formula(h[i], [(steers_by_name[n], v) for n, v in req.items()])
+        torch.testing.assert_close(out[i].double(), expected, rtol=tol, atol=tol)
         # The formula module's own form (projectors, one steer at a time) is the same function.
         via_formula = h[i:i + 1].double()
         for n, v in req.items():
-            s = {"a": a, "b": b}[n]
+            s = steers_by_name[n]
             via_formula = via_formula + steered_hidden(h[i:i + 1].double(), torch.tensor([v]).double(),
                                                        s.projector1.double(), s.projector2.double(),
                                                        s.header.epsilon) - h[i:i + 1].double()
         torch.testing.assert_close(via_formula[0], expected, rtol=1e-12, atol=1e-12)
+        if not any(any(v) for v in req.values()):
+            assert torch.equal(out[i], h[i]), "a row that names no steer (or only zeros) must come back as it was"
+        else:
+            assert not torch.equal(out[i], h[i])
+
+
+REQUESTS = [{}, {"a": [5.0, 1.0]}, {"b": [-2.0]}, {"a": [-3.0, 1.0], "b": [4.0]}, {"a": [0.0, 0.0]},
+            {"b": [1.0], "a": [2.0, 0.0]}]
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_bank_matches_formula_per_row_with_mixed_steers(dense):
+    """Factored (low rank) and, off CUDA, dense W_k (rank above D/2): the same function."""
+    rank_a, rank_b = (30, 40) if dense else (7, 3)
+    a = steer(["a", "bias"], rank_a, 0, 1e-3, bias_dims={"bias": 1.0})
+    b = steer(["b"], rank_b, 1, 5e-3)
+    bank = SteerBank.pack({"a": a, "b": b}, "cpu", dense=dense)
+    assert all((e.up_start < 0) == dense for e in bank.entries)
+    h = torch.randn(len(REQUESTS), D)
+    out = bank.steer(h, *bank_rows(bank, REQUESTS))
+    check_against_formula(bank, {"a": a, "b": b}, REQUESTS, h, out)
+
+
+def test_low_rank_steers_stay_factored_and_cuda_banks_never_densify():
+    low = SteerBank.pack({"a": steer(["a", "bias"], 19, 0, 1e-3, bias_dims={"bias": 1.0})}, "cpu")
+    assert low.entries[0].up_start == 0 and low.total_rank == 2 * 19
+    high = {"a": steer(["a"], 30, 0, 1e-3)}
+    assert SteerBank.pack(high, "cpu").entries[0].up_start == -1
+    assert SteerBank.pack(high, "cpu", dense=False).entries[0].up_start == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_all_zero_rows_are_bit_identical(dtype):
-    bank = SteerBank({"a": steer(["a"], 5, 0, 1e-1)})
+def test_unsteered_rows_are_bit_identical(dtype):
+    bank = SteerBank.pack({"a": steer(["a"], 5, 0, 1e-1)}, "cpu")
     h = torch.randn(4, D, dtype=dtype)
-    rows = torch.tensor([[0.0], [3.0], [0.0], [-1.0]])
-    out = steer_hidden_torch(h, bank.down, bank.up, bank.col_dim, rows)
+    h[0, :3] = torch.tensor([-0.0, float("inf"), float("-inf")])
+    steers, values = bank_rows(bank, [{}, {"a": [3.0]}, {"a": [0.0]}, {"a": [-1.0]}])
+    out = bank.steer(h, steers, values)
     assert out.dtype == dtype
-    assert torch.equal(out[0], h[0]) and torch.equal(out[2], h[2])
+    as_int = torch.int16 if dtype != torch.float32 else torch.int32
+    assert torch.equal(out[0].view(as_int), h[0].view(as_int)) and torch.equal(out[2].view(as_int), h[2].view(as_int))
     assert not torch.equal(out[1], h[1])
 
 
-def test_dense_form_matches_formula_and_the_factors():
-    """Steers of rank above D/2 (here 30 and 40 of D = 40) are applied on CPU through the
-    dense W_k = P1_k P2_k^T, one GEMM: the same function as the factored op and the formula,
-    unsteered rows bit-identical. Low-rank banks keep the factors."""
-    a = steer(["a", "bias"], 30, 0, 1e-3, bias_dims={"bias": 1.0})
-    b = steer(["b"], 40, 1, 5e-3)
-    bank = SteerBank({"a": a, "b": b})
-    assert bank.dense_is_cheaper and bank.dense is None  # chosen when placed on a device
-    requests = [{}, {"a": [5.0, 1.0]}, {"b": [-2.0]}, {"a": [-3.0, 1.0], "b": [4.0]}, {"a": [0.0, 0.0]}]
-    h = torch.randn(len(requests), D)
-    rows = torch.tensor([bank.row_values(r) for r in requests])
-    factored = steer_hidden_torch(h, bank.down, bank.up, bank.col_dim, rows)
-    assert bank.to("cpu").dense is not None and bank.dense.shape == (D, 3 * D)
-    out = bank.steer(h, rows)
-    torch.testing.assert_close(out, steer_hidden_dense_torch(h, bank.dense, rows), rtol=0, atol=0)
-    torch.testing.assert_close(out, factored, rtol=1e-5, atol=1e-5)
-    for i, req in enumerate(requests):
-        expected = formula(h[i], [({"a": a, "b": b}[n], v) for n, v in req.items()])
-        torch.testing.assert_close(out[i].double(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(out[0], h[0]) and torch.equal(out[4], h[4])
-    assert not torch.equal(out[1], h[1])
-    low = SteerBank({"a": steer(["a", "bias"], 19, 0, 1e-3, bias_dims={"bias": 1.0})}).to("cpu")
-    assert not low.dense_is_cheaper and low.dense is None
+def test_many_steers_each_row_its_own_and_unused_steers_never_read():
+    """60 steers loaded (factored and dense, K 1-3), rows on steers that share nothing, composed
+    rows, unsteered rows. The steers no row names have NaN weights: any read of them would poison
+    the output, so a clean result shows a step touches only the steers its rows use."""
+    steers = {}
+    for i in range(60):
+        k = 1 + i % 3
+        names = [f"s{i}"] + [f"d{j}" for j in range(1, k)]
+        steers[f"s{i}"] = steer(names, 4 if i % 5 else 30, 10 + i, 1e-3 * (1 + i % 4))
+    bank = SteerBank.pack(steers, "cpu")
+    g = torch.Generator().manual_seed(5)
+    used = [f"s{i}" for i in range(0, 60, 3)]
+    requests = []
+    for j in range(24):
+        if j % 6 == 5:
+            requests.append({})
+            continue
+        names = [used[j % len(used)]] + ([used[(j * 7 + 3) % len(used)]] if j % 4 == 0 else [])
+        requests.append({n: (torch.randn(steers[n].header.num_dims, generator=g) * 3).tolist() for n in names})
+    unused = [n for n in steers if n not in used]
+    for n in unused:
+        down, up = bank.weights(n)
+        down.fill_(float("nan"))
+        if up is not None:
+            up.fill_(float("nan"))
+    h = torch.randn(len(requests), D, generator=g)
+    out = bank.steer(h, *bank_rows(bank, requests))
+    assert torch.isfinite(out).all()
+    check_against_formula(bank, steers, requests, h, out)
+
+
+def test_repacked_keeps_rows_meaning_and_adds_steers():
+    a = steer(["a", "bias"], 7, 0, 1e-3, bias_dims={"bias": 1.0})
+    b = steer(["b"], 30, 1, 5e-3)
+    c = steer(["c"], 5, 2, 2e-3)
+    bank = SteerBank.pack({"a": a, "b": b}, "cpu")
+    grown = bank.repacked(["b"], {"c": c})
+    assert grown.names == ["b", "c"] and grown.index == {"b": 0, "c": 1}
+    requests = [{"b": [2.0]}, {"c": [-3.0], "b": [1.0]}, {}]
+    h = torch.randn(3, D)
+    out = grown.steer(h, *bank_rows(grown, requests))
+    check_against_formula(grown, {"b": b, "c": c}, requests, h, out)
+    assert grown.nbytes("b") == bank.nbytes("b") == D * D * 4  # dense as stored, copied as it was
 
 
 def test_bank_refuses_mixed_hidden_sizes():
     other = SteerFile.create(torch.randn(1, D + 1, 2), torch.randn(1, D + 1, 2), dim_names=["x"])
     with pytest.raises(ValueError, match="hidden size"):
-        SteerBank({"a": steer(["a"], 2, 0, 1e-3), "x": other})
+        SteerBank.pack({"a": steer(["a"], 2, 0, 1e-3), "x": other})
 
 
 CATALOG = {"tone": steer(["tone", "bias"], 2, 0, 1e-3, bias_dims={"bias": 1.0}).header,
@@ -127,3 +180,11 @@ def test_parse_rejects_with_a_clear_reason(xargs, message):
     with pytest.raises(SteerRequestError) as err:
         parse_steer_args(xargs, CATALOG, 10)
     assert message in str(err.value)
+
+
+def test_a_request_composes_at_most_the_servers_limit():
+    xargs = {"steer_tone": 1, "steer_topic": [2]}
+    assert len(parse_steer_args(xargs, CATALOG, 10, max_steers=2)) == 2
+    with pytest.raises(SteerRequestError, match="at most 1 in one request") as err:
+        parse_steer_args(xargs, CATALOG, 10, max_steers=1)
+    assert err.value.reason == "too_many_steers"

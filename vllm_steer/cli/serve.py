@@ -7,9 +7,15 @@ import argparse
 import os
 import sys
 
-from vllm_steer.serving.config import DEFAULT_MAX_ABS_VALUE, RUNTIME_UPDATES_ENV, SteerConfig
+from vllm_steer.serving.config import (
+    DEFAULT_MAX_ABS_VALUE,
+    DEFAULT_MAX_STEERS_PER_REQUEST,
+    NAME_PATTERN,
+    RUNTIME_UPDATES_ENV,
+    SteerConfig,
+)
 
-from .arguments import name_value_pairs
+from .arguments import byte_size, name_value_pairs, steers_in_folder
 
 STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
 
@@ -20,6 +26,12 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model")
     p.add_argument("--steer", action="append", default=[], metavar="NAME=PATH",
                    help="load a steer file under NAME; requests use it with vllm_xargs {'steer_NAME': value}")
+    p.add_argument("--steer-dir", action="append", default=[], metavar="DIR",
+                   help="load every .safetensors file in DIR, each under its file name without the extension")
+    p.add_argument("--max-steers-per-request", type=int, default=DEFAULT_MAX_STEERS_PER_REQUEST,
+                   help="how many steers one request may compose (default %(default)s)")
+    p.add_argument("--steer-memory-budget", type=byte_size, metavar="SIZE",
+                   help="refuse to load steers taking more than SIZE (e.g. 512M, 2G) where they are served")
     p.add_argument("--max-abs-value", type=float, default=DEFAULT_MAX_ABS_VALUE,
                    help="largest |steer value| a request may ask for (default %(default)s)")
     p.add_argument("--steer-bound", action="append", default=[], metavar="NAME=BOUND",
@@ -35,12 +47,26 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     directly: the CPU wheel's `vllm serve` cannot find its own distribution."""
     from vllm_steer.steer.file import SteerFile
 
-    config = SteerConfig(steers=name_value_pairs(args.steer, "--steer", "NAME=PATH"),
-                         bounds=name_value_pairs(args.steer_bound, "--steer-bound", "NAME=BOUND", float),
-                         max_abs_value=args.max_abs_value)
+    steers = name_value_pairs(args.steer, "--steer", "NAME=PATH")
+    for folder in args.steer_dir:
+        for name, path in steers_in_folder(folder).items():
+            if name in steers:
+                raise ValueError(f"two steers named {name!r}: {steers[name]} and {path} (--steer-dir {folder})")
+            if not NAME_PATTERN.match(name):
+                raise ValueError(f"{path}: the file name gives the steer name {name!r}, which must be letters, digits "
+                                 "and underscores; rename the file or load it with --steer NAME=PATH")
+            steers[name] = path
+    config = SteerConfig(steers=steers, bounds=name_value_pairs(args.steer_bound, "--steer-bound", "NAME=BOUND", float),
+                         max_abs_value=args.max_abs_value, max_steers_per_request=args.max_steers_per_request,
+                         memory_budget=args.steer_memory_budget)
+    total = 0
     for name, path in config.steers.items():
-        SteerFile.load(path)  # fail here, in a second, rather than after the engine starts
-        print(f"vllm-steer: steer {name!r} <- {path} (|value| <= {config.value_bounds[name]:g})", file=sys.stderr)
+        steer = SteerFile.load(path)  # fail here, in a second, rather than after the engine starts
+        size = sum(t.numel() * t.element_size() for t in (steer.projector1, steer.projector2))
+        total += size
+        print(f"vllm-steer: steer {name!r} <- {path} (|value| <= {config.value_bounds[name]:g}, "
+              f"{size / 2**20:.2f} MiB in the file)", file=sys.stderr)
+    print(f"vllm-steer: {len(config.steers)} steers, {total / 2**20:.1f} MiB in their files", file=sys.stderr)
     config.export()
     if args.steer_endpoints or args.allow_runtime_updates:
         os.environ["VLLM_PLUGINS"] = plugins_allowlist_with_steer_endpoints(os.environ.get("VLLM_PLUGINS"))

@@ -5,10 +5,12 @@ No vLLM import."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from dataclasses import dataclass, field
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 
@@ -19,16 +21,24 @@ ENV_VAR = "VLLM_STEER_CONFIG"
 RUNTIME_UPDATES_ENV = "VLLM_STEER_ALLOW_RUNTIME_UPDATES"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 DEFAULT_MAX_ABS_VALUE = 50.0
+DEFAULT_MAX_STEERS_PER_REQUEST = 4
+# Above this size the configuration travels in a file named by the environment variable ("@PATH"):
+# one environment string may not exceed 128 KiB on Linux (about 1,500 steer paths).
+ENV_INLINE_LIMIT = 120 * 1024
 
 
 @dataclass(frozen=True)
 class SteerConfig:
     """steers: name -> steer file path; max_abs_value: the largest |value| a request may ask
-    for; bounds: the operator's tighter or looser bound for particular steers."""
+    for; bounds: the operator's tighter or looser bound for particular steers;
+    max_steers_per_request: how many steers one request may compose; memory_budget: the most
+    bytes the loaded steers may take where they are served (None: no limit)."""
 
     steers: dict[str, str] = field(default_factory=dict)
     max_abs_value: float = DEFAULT_MAX_ABS_VALUE
     bounds: dict[str, float] = field(default_factory=dict)
+    max_steers_per_request: int = DEFAULT_MAX_STEERS_PER_REQUEST
+    memory_budget: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steers", {n: str(Path(p).resolve()) for n, p in self.steers.items()})
@@ -41,6 +51,10 @@ class SteerConfig:
         unknown = set(self.bounds) - set(self.steers)
         if unknown:
             raise ValueError(f"bounds given for steers that are not loaded: {sorted(unknown)}")
+        if not (isinstance(self.max_steers_per_request, int) and self.max_steers_per_request >= 1):
+            raise ValueError(f"max_steers_per_request must be a positive integer, got {self.max_steers_per_request}")
+        if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget > 0):
+            raise ValueError(f"the steer memory budget must be a positive number of bytes, got {self.memory_budget}")
 
     @cached_property
     def value_bounds(self) -> dict[str, float]:
@@ -52,16 +66,16 @@ class SteerConfig:
         if name in self.steers:
             raise ValueError(f"a steer named {name!r} is already loaded")
         bounds = {**self.bounds, **({name: bound} if bound is not None else {})}
-        return SteerConfig({**self.steers, name: path}, self.max_abs_value, bounds)
+        return replace(self, steers={**self.steers, name: path}, bounds=bounds)
 
     def without_steer(self, name: str) -> SteerConfig:
         if name not in self.steers:
             raise KeyError(name)
-        return SteerConfig({n: p for n, p in self.steers.items() if n != name}, self.max_abs_value,
-                           {n: b for n, b in self.bounds.items() if n != name})
+        return replace(self, steers={n: p for n, p in self.steers.items() if n != name},
+                       bounds={n: b for n, b in self.bounds.items() if n != name})
 
     def to_json(self) -> str:
-        return json.dumps({"steers": self.steers, "max_abs_value": self.max_abs_value, "bounds": self.bounds})
+        return json.dumps(asdict(self))
 
     @classmethod
     def from_json(cls, text: str) -> SteerConfig:
@@ -69,18 +83,33 @@ class SteerConfig:
             data = json.loads(text)
             return cls(steers=dict(data.get("steers", {})),
                        max_abs_value=float(data.get("max_abs_value", DEFAULT_MAX_ABS_VALUE)),
-                       bounds={n: float(b) for n, b in data.get("bounds", {}).items()})
+                       bounds={n: float(b) for n, b in data.get("bounds", {}).items()},
+                       max_steers_per_request=int(data.get("max_steers_per_request", DEFAULT_MAX_STEERS_PER_REQUEST)),
+                       memory_budget=data.get("memory_budget"))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{ENV_VAR} is not valid steer configuration JSON: {e}") from e
 
     @classmethod
     def from_env(cls) -> SteerConfig | None:
         text = os.environ.get(ENV_VAR)
+        if text and text.startswith("@"):
+            try:
+                text = Path(text[1:]).read_text()
+            except OSError as e:
+                raise ValueError(f"{ENV_VAR} names a configuration file that cannot be read: {e}") from e
         return cls.from_json(text) if text else None
 
     def export(self) -> None:
-        """Put this configuration where every vLLM process started from here will read it."""
-        os.environ[ENV_VAR] = self.to_json()
+        """Put this configuration where every vLLM process started from here will read it: in the
+        environment, or, when it is large (hundreds of steers), in a file the environment names."""
+        text = self.to_json()
+        if len(text) > ENV_INLINE_LIMIT:
+            digest = hashlib.sha256(text.encode()).hexdigest()[:24]
+            path = Path(tempfile.gettempdir()) / "vllm-steer" / f"config-{digest}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+            text = f"@{path}"
+        os.environ[ENV_VAR] = text
 
     @cached_property
     def catalog(self) -> dict[str, SteerHeader]:

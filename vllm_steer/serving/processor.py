@@ -4,6 +4,8 @@ the API front end."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 from vllm import SamplingParams
 from vllm.config import VllmConfig
@@ -17,7 +19,7 @@ from .compat import install_mrv2_sample_hook, register_plugin, require_steered_l
 from .config import served_config
 from .metrics import METRICS
 from .step import STEP, logger
-from .table import SteerTable, load_fitting_steers
+from .table import SteerTable
 
 
 class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
@@ -33,7 +35,7 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             return
         config = served_config()
         try:
-            request = parse_steer_args(extra, config.catalog, config.value_bounds)
+            request = parse_steer_args(extra, config.catalog, config.value_bounds, config.max_steers_per_request)
             if request and sampling_params.prompt_logprobs is not None:
                 raise SteerRequestError("prompt_logprobs cannot be combined with steering (they would be unsteered)",
                                         "prompt_logprobs")
@@ -63,15 +65,17 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             device, _ = runner_args
             capacity = vllm_config.scheduler_config.max_num_seqs
         config = served_config()
-        files = load_fitting_steers(config, list(config.steers), vllm_config.model_config.get_hidden_size())
+        began = time.perf_counter()
         self.batch_size = 0
         self.steered = False
         self.staged = False
-        STEP.table = SteerTable(config, files, capacity, torch.device(device))
+        STEP.table = SteerTable.load(config, capacity, torch.device(device), vllm_config.model_config.get_hidden_size())
         STEP.vocab_size = vllm_config.model_config.get_vocab_size()
         bank = STEP.table.bank
-        logger.info("vllm-steer: loaded steers %s (K_total=%d, R=%d, %s)", ", ".join(config.steers),
-                    bank.num_dims, bank.total_rank, "model runner V2" if self.v2 else "legacy model runner")
+        logger.info("vllm-steer: loaded %d steers in %.1f s (%s), up to %d per request; %s",
+                    len(bank.names), time.perf_counter() - began, ", ".join(bank.names[:8])
+                    + (", ..." if len(bank.names) > 8 else ""), config.max_steers_per_request,
+                    "model runner V2" if self.v2 else "legacy model runner")
 
     @property
     def table(self) -> SteerTable:

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 from vllm_steer.steer.file import SteerFile
 
 from .config import SteerConfig, runtime_updates_allowed, served_config, set_served_config
-from .step import STEP
+from .step import STEP, check_memory_budget
 from .table import load_fitting_steers
 
 # The worker method collective_rpc names (installed on vLLM's WorkerBase by compat.py).
@@ -30,7 +30,9 @@ def reconfigure_worker(worker: object, config_json: str) -> dict:
     added = [n for n in served.steers if n not in table.files]
     files = load_fitting_steers(served, added, table.bank.hidden_size)
     STEP.check_fingerprints(served, added)
-    STEP.table = table.reconfigured(served, files)
+    new_table = table.reconfigured(served, files)
+    check_memory_budget(new_table.bank, served.memory_budget)  # before anything changes
+    STEP.table = new_table
     if STEP.placement is not None:
         STEP.place_table()
     return {"steers": list(STEP.table.files), "retired": list(STEP.table.retired)}
@@ -44,7 +46,7 @@ def describe_steers(config: SteerConfig) -> list[dict]:
     return [{"name": name, "path": config.steers[name], "dim_names": list(h.dim_names), "primary_dim": h.primary_dim,
              "bias_dims": h.bias_dims, "epsilon": h.epsilon, "rank": h.rank, "hidden_size": h.hidden_size,
              "base_model": h.base_model, "max_abs_value": config.value_bounds[name],
-             "fingerprint": h.fingerprint is not None}
+             "fingerprint": h.fingerprint is not None, "parameters": 2 * h.num_dims * h.hidden_size * h.rank}
             for name, h in config.catalog.items()]
 
 

@@ -11,6 +11,7 @@ from vllm.logger import init_logger
 
 from vllm_steer.steer.file import SteerFileError
 from vllm_steer.steer.fingerprint import fingerprint_mismatch
+from vllm_steer.steer.formula import SteerBank
 
 from .config import SteerConfig
 from .table import SteerTable
@@ -60,10 +61,13 @@ class StepState:
         """Put the table's steer basis where the model is, and compile its kernels there (at
         start-up, and when a runtime load or unload replaces the table)."""
         device, dtype = self.placement
-        bank = self.table.bank.to(device, dtype)
-        compiled = bank.warm_up(self.table.capacity, self.hidden_dtype)
-        logger.info("vllm-steer: steer basis on %s in %s, %s%s", device, dtype,
-                    "as dense W_k (one GEMM)" if bank.dense is not None else f"as factors (R={bank.total_rank})",
+        bank = self.table.bank.placed(device, dtype)
+        check_memory_budget(bank, self.table.config.memory_budget)
+        self.table.bank = bank
+        compiled = bank.warm_up(self.table.capacity, self.table.config.max_steers_per_request, self.hidden_dtype)
+        dense = sum(e.up_start < 0 for e in bank.entries)
+        logger.info("vllm-steer: %d steers on %s in %s: %.1f MiB%s%s", len(bank.names), device, dtype,
+                    bank_bytes(bank) / 2**20, f" ({dense} dense W_k, one GEMM each)" if dense else "",
                     f"; {compiled} kernel variants compiled" if compiled else "")
 
     def check_fingerprints(self, config: SteerConfig, names: list[str] | None = None) -> None:
@@ -96,12 +100,27 @@ class StepState:
         self.disarm()
         if not steered:
             return hidden_states
-        table, rows = self.table, hidden_states.shape[0]
-        values = table.device[:rows] if row_to_index is None else table.device[row_to_index]
-        return table.bank.steer(hidden_states, values)
+        steers, values = self.table.rows(hidden_states.shape[0], row_to_index)
+        return self.table.bank.steer(hidden_states, steers, values)
 
 
 STEP = StepState()
+
+
+def bank_bytes(bank: SteerBank) -> int:
+    """What the loaded steers take where they are served."""
+    return sum(t.numel() * t.element_size() for t in (bank.down, bank.up))
+
+
+def check_memory_budget(bank: SteerBank, budget: int | None) -> None:
+    """Refuse a steer set that would take more than the operator's budget where it is served."""
+    if budget is not None and bank_bytes(bank) > budget:
+        largest = sorted(bank.names, key=bank.nbytes, reverse=True)[:3]
+        raise SteerFileError(
+            f"the {len(bank.names)} steers would take {bank_bytes(bank) / 2**20:.1f} MiB on {bank.device} in "
+            f"{bank.dtype}, over the steer memory budget of {budget / 2**20:.1f} MiB (--steer-memory-budget); "
+            "the largest: " + ", ".join(f"{n} ({bank.nbytes(n) / 2**20:.1f} MiB)" for n in largest)
+            + ". Load fewer steers, lower their rank, or raise the budget.")
 
 
 def refused_by_any_tp_rank(refused_here: list[bool], device: torch.device) -> list[bool]:

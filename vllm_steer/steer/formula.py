@@ -10,9 +10,11 @@ serving packs the steers into a `SteerBank` and runs the packed op from `vllm_st
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from vllm_steer.kernels import steer_hidden, steer_hidden_dense_torch, warm_up
+from vllm_steer.kernels import steer_hidden_gather, warm_up
 
 from .file import SteerFile, SteerHeader
 
@@ -39,86 +41,135 @@ def dim_matrices(projector1: torch.Tensor, projector2: torch.Tensor,
     return projector1.to(dtype) @ projector2.to(dtype).transpose(1, 2)
 
 
-class SteerBank:
-    """The named steers' dimensions packed side by side: K_total = sum of each steer's K, and
-    R = sum over all dims of that steer's rank.
+@dataclass(frozen=True)
+class BankEntry:
+    """Where one steer's weights sit in a bank: `num_dims` dims of rank `rank` from column
+    `down_start` of `down`, and from row `up_start` of `up` (-1: dense, W_k in `down`, rank D)."""
 
-    down [D, R] holds every P1_k side by side, up [R, D] every P2_k^T stacked, and
-    col_dim [R] says which of the K_total dims each column belongs to. A row's values
-    are a [K_total] vector with each steer's eps folded in, so all-zero means unsteered.
-    Off CUDA, where the torch op runs, `dense` [D, K_total * D] holds every W_k = P1_k P2_k^T
-    instead when that is cheaper (one GEMM of D x K_total*D rather than two of D x R).
+    down_start: int
+    num_dims: int
+    rank: int
+    up_start: int
+
+
+class SteerBank:
+    """Loaded steers packed for per-row gathering: each request names a few of them, and a step
+    costs what the steers its rows name cost, however many are loaded.
+
+    down [D, C] holds each steer's P1_k side by side (K*r columns), or, off CUDA where it is
+    cheaper (r > D/2), its W_k = P1_k P2_k^T side by side (K*D columns, "dense"); up [U, D] holds
+    the factored steers' P2_k^T stacked; `cols` [N, 4] (down_start, K, r, up_start per steer, in
+    `names` order) says where. A row's request is (steer index, K values with eps folded in) per
+    steer it names: see `row_entries`.
     """
 
-    def __init__(self, steers: dict[str, SteerFile]) -> None:
-        if not steers:
+    def __init__(self, headers: dict[str, SteerHeader], blocks: list[tuple[torch.Tensor, torch.Tensor | None]],
+                 rank: list[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                 dense: bool = False) -> None:
+        """From each steer's (down block [D, K*r], up block [K*r, D] or None if dense); see `pack`.
+        `dense`: whether steers added later may be stored dense."""
+        if not headers:
             raise ValueError("a SteerBank needs at least one steer")
-        sizes = {s.header.hidden_size for s in steers.values()}
+        sizes = {h.hidden_size for h in headers.values()}
         if len(sizes) != 1:
             raise ValueError(f"all steers must share one hidden size, got {sorted(sizes)}")
         self.hidden_size = sizes.pop()
-        self.headers: dict[str, SteerHeader] = {name: s.header for name, s in steers.items()}
-        self.offsets: dict[str, int] = {}
-        downs, ups, col_dims = [], [], []
-        dim = 0
-        for name, steer in steers.items():
-            self.offsets[name] = dim
-            for k in range(steer.header.num_dims):
-                downs.append(steer.projector1[k].float())
-                ups.append(steer.projector2[k].float().T)
-                col_dims.append(torch.full((steer.header.rank,), dim, dtype=torch.int64))
-                dim += 1
-        self.num_dims = dim
-        self.down = torch.cat(downs, dim=1).contiguous()
-        self.up = torch.cat(ups, dim=0).contiguous()
-        self.col_dim = torch.cat(col_dims)
-        self.dense: torch.Tensor | None = None
-        self.placement: tuple[torch.device, torch.dtype] | None = None  # set by to()
+        self.headers = dict(headers)
+        self.names = list(headers)
+        self.index = {name: n for n, name in enumerate(self.names)}
+        self.device, self.dtype, self.dense = torch.device(device), dtype, dense
+        self.entries: list[BankEntry] = []
+        down_start = up_start = 0
+        for header, (down, up), r in zip(headers.values(), blocks, rank, strict=True):
+            self.entries.append(BankEntry(down_start, header.num_dims, r, -1 if up is None else up_start))
+            down_start += down.shape[1]
+            up_start += 0 if up is None else up.shape[0]
+        self.down = torch.cat([d for d, _ in blocks], dim=1).to(self.device, dtype).contiguous()
+        ups = [u for _, u in blocks if u is not None]
+        self.up = (torch.cat(ups) if ups else self.down.new_zeros(0, self.hidden_size)).to(self.device, dtype)
+        self.cols = torch.tensor([[e.down_start, e.num_dims, e.rank, e.up_start] for e in self.entries],
+                                 dtype=torch.int32, device=self.device)
+        self.max_dims = max(h.num_dims for h in headers.values())
+
+    @classmethod
+    def pack(cls, steers: dict[str, SteerFile], device: torch.device | str = "cpu",
+             dtype: torch.dtype = torch.float32, dense: bool | None = None) -> SteerBank:
+        """The steers packed on `device` in `dtype`, each stored dense where that is cheaper if
+        `dense` allows it (default: off CUDA, where the torch op runs)."""
+        device = torch.device(device)
+        dense = device.type != "cuda" if dense is None else dense
+        blocks, ranks = [], []
+        for steer in steers.values():
+            k, d, r = steer.projector1.shape
+            down = steer.projector1.float().permute(1, 0, 2).reshape(d, k * r)
+            up = steer.projector2.float().permute(0, 2, 1).reshape(k * r, d)
+            block, rank = _stored_block(down, up, k, r, dense)
+            blocks.append(block)
+            ranks.append(rank)
+        return cls({n: s.header for n, s in steers.items()}, blocks, ranks, device, dtype, dense)
+
+    def placed(self, device: torch.device | str, dtype: torch.dtype) -> SteerBank:
+        """This bank on `device` in `dtype`."""
+        if (torch.device(device), dtype) == (self.device, self.dtype):
+            return self
+        return self.repacked(self.names, {}, device, dtype)
+
+    def repacked(self, keep: list[str], added: dict[str, SteerFile], device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> SteerBank:
+        """A bank of the steers `keep` (copied from this one, as stored) and `added` (packed from
+        their files), on `device` in `dtype` (default: this bank's)."""
+        device, dtype = torch.device(device or self.device), dtype or self.dtype
+        fresh = SteerBank.pack(added, "cpu", dense=self.dense) if added else None
+        parts = [(self, n) for n in keep] + [(fresh, n) for n in added]
+        blocks = [bank.weights(n) for bank, n in parts]
+        ranks = [bank.entries[bank.index[n]].rank for bank, n in parts]
+        headers = {n: bank.headers[n] for bank, n in parts}
+        return SteerBank(headers, blocks, ranks, device, dtype, self.dense)
+
+    def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One steer's down block [D, K*r] and up block [K*r, D] (None if dense): views."""
+        e = self.entries[self.index[name]]
+        down = self.down[:, e.down_start:e.down_start + e.num_dims * e.rank]
+        up = None if e.up_start < 0 else self.up[e.up_start:e.up_start + e.num_dims * e.rank]
+        return down, up
+
+    def nbytes(self, name: str) -> int:
+        """What one steer costs in this bank: the bytes of its weights here."""
+        return sum(t.numel() * t.element_size() for t in self.weights(name) if t is not None)
 
     @property
     def total_rank(self) -> int:
-        return int(self.col_dim.numel())
+        return int(self.down.shape[1])
 
-    def row_values(self, request: dict[str, list[float]]) -> list[float]:
-        """A request's [K_total] row, eps folded in: {name: K values} -> flat list."""
-        row = [0.0] * self.num_dims
-        for name, values in request.items():
-            header, start = self.headers[name], self.offsets[name]
-            for k, value in enumerate(values):
-                row[start + k] = header.epsilon * value
-        return row
+    def row_entries(self, request: dict[str, list[float]]) -> tuple[list[int], list[list[float]]]:
+        """A request's steers as (bank indices, each one's K values with its eps folded in); a steer
+        whose values are all zero is left out (it changes nothing)."""
+        indices, values = [], []
+        for name, vals in request.items():
+            if any(vals):
+                indices.append(self.index[name])
+                values.append([self.headers[name].epsilon * v for v in vals])
+        return indices, values
 
-    @property
-    def dense_is_cheaper(self) -> bool:
-        """D * K_total multiply-adds per row for the dense form against 2 * D * R for the factors."""
-        return self.num_dims * self.hidden_size < 2 * self.total_rank
-
-    def dense_weights(self) -> torch.Tensor:
-        """[D, K_total * D]: W_k for every dim k side by side, computed in float64."""
-        blocks = [dim_matrices(self.down[None, :, self.col_dim == k], self.up[None, self.col_dim == k].mT,
-                               torch.float64)[0] for k in range(self.num_dims)]
-        return torch.cat(blocks, dim=1).float()
-
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> SteerBank:
-        """Move the basis (not the bookkeeping) to a device, in the dtype the op reads."""
-        device = torch.device(device)
-        if device.type != "cuda" and self.dense_is_cheaper:
-            self.dense = self.dense_weights().to(device, dtype)
-        self.down = self.down.to(device, dtype)
-        self.up = self.up.to(device, dtype)
-        self.col_dim = self.col_dim.to(device)
-        self.placement = (device, dtype)
-        return self
-
-    def warm_up(self, max_rows: int, hidden_dtype: torch.dtype) -> int:
+    def warm_up(self, max_rows: int, max_steers: int, hidden_dtype: torch.dtype) -> int:
         """Compile every kernel variant `steer` can launch for 1..max_rows rows of this dtype (on
         CUDA; nothing to compile elsewhere). Returns how many variants ran."""
-        if self.dense is not None:
-            return 0
-        return warm_up(self.down, self.up, self.col_dim, self.num_dims, max_rows, hidden_dtype)
+        return warm_up(self.down, self.up, self.cols, self.max_dims, max_rows, max_steers, hidden_dtype)
 
-    def steer(self, hidden: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
-        """Every row of `hidden` steered with its own [K_total] values (the bank on its device)."""
-        if self.dense is not None:
-            return steer_hidden_dense_torch(hidden, self.dense, row_values)
-        return steer_hidden(hidden, self.down, self.up, self.col_dim, row_values)
+    def steer(self, hidden: torch.Tensor, row_steer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
+        """Every row of `hidden` [B, D] steered by the steers it names: row_steer [B, S] (bank
+        indices, -1 none) with row_values [B, S, max_dims] (eps folded in). The bank on its device."""
+        return steer_hidden_gather(hidden, self.down, self.up, self.cols, row_steer, row_values)
+
+
+def _stored_block(down: torch.Tensor, up: torch.Tensor, k: int, r: int,
+                  dense: bool) -> tuple[tuple[torch.Tensor, torch.Tensor | None], int]:
+    """A factored steer's (down [D, K*r], up [K*r, D]) as a bank stores it: dense ([D, K*D] of W_k,
+    computed in float64) if allowed and its rank is above D/2 (fewer multiply-adds: D*K per row
+    against 2*D*K*r), else as given. With its stored rank."""
+    d = down.shape[0]
+    if not dense or 2 * r <= d:
+        return (down, up), r
+    w = dim_matrices(down.double().view(d, k, r).permute(1, 0, 2), up.double().view(k, r, d).transpose(1, 2),
+                     torch.float64)
+    return (w.permute(1, 0, 2).reshape(d, k * d).float(), None), d

@@ -55,10 +55,12 @@ def parse_steer_args(
     extra_args: dict[str, Any] | None,
     catalog: dict[str, SteerHeader],
     max_abs_value: float | dict[str, float],
+    max_steers: int | None = None,
 ) -> dict[str, list[float]]:
     """{steer name: its K values} for the request's `steer_<name>` keys; other keys are
-    left to whoever owns them. `max_abs_value` is one bound for all steers or one per steer.
-    Raises SteerRequestError naming the problem."""
+    left to whoever owns them. `max_abs_value` is one bound for all steers or one per steer;
+    `max_steers`, if given, the most steers one request may name. Raises SteerRequestError
+    naming the problem."""
     request: dict[str, list[float]] = {}
     for key, value in (extra_args or {}).items():
         if not (isinstance(key, str) and key.startswith(STEER_KEY_PREFIX)):
@@ -82,4 +84,7 @@ def parse_steer_args(
                     f"{key} must be a number or a list of numbers, got the string {value!r}", "not_a_number")
             value = steer_values(header, _check_number(value, key, bound))
         request[name] = value
+    if max_steers is not None and len(request) > max_steers:
+        raise SteerRequestError(f"the request names {len(request)} steers ({', '.join(request)}); this server "
+                                f"composes at most {max_steers} in one request", "too_many_steers")
     return request
