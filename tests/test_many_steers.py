@@ -1,4 +1,4 @@
-"""Many steers on one server: a folder of 40 steers (factored and dense, K 1-3), batches in which
+"""Many steers on one server: a folder of 200 steers (factored and dense, K 1-3), batches in which
 rows name steers that share nothing, compose several, or none, against the float64 formula and
 against their solo runs; a steer loaded at run time; the per-request limit; the memory budget; and
 the folder loader's refusals. Real vLLM (CPU build, float32) on the default model, through the
@@ -20,18 +20,18 @@ from vllm_steer import SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
 from vllm_steer.serving.server_process import ServerProcess, steer_server_command
 
-NUM_STEERS = 40
+NUM_STEERS = 200
 MAX_PER_REQUEST = 3
 PROMPTS = ["The weather in the mountains this weekend", "I opened the letter from my landlord and",
            "Our team meeting this morning was", "My favourite thing about the city is"]
 
 
 def folder_steer(i: int, fingerprint: dict) -> SteerFile:
-    """Steer i of the folder: K 1-3 (with a bias dim when K > 1), rank 4-64, every seventh of rank
-    400 (above D/2: stored dense on CPU)."""
+    """Steer i of the folder: K 1-3 (with a bias dim when K > 1), rank 4-64, every 25th of rank 400
+    (above D/2: stored dense on CPU)."""
     k = 1 + i % 3
     dims = [f"m{i}"] + (["bias"] if k > 1 else []) + (["extra"] if k > 2 else [])
-    rank = 400 if i % 7 == 3 else (4, 16, 64)[i % 3]
+    rank = 400 if i % 25 == 3 else (4, 16, 64)[i % 3]
     return random_steer(dims, rank, 1000 + i, fingerprint, bias_dims={"bias": 1.0} if k > 1 else {})
 
 
@@ -134,10 +134,27 @@ def test_many_concurrent_requests_on_distinct_steers_equal_their_solo_runs(many)
     assert len({t for t, (p, _, _) in zip(batched, reqs, strict=True) if p == PROMPTS[0]}) > 3  # steers differ
 
 
+def test_a_load_under_traffic_keeps_every_request_its_values(many):
+    """A steer loaded while 24 requests on other steers are decoding: each finishes with exactly
+    the text it gets alone."""
+    server, (_, path) = many["server"], many["late"]
+    names = list(many["steers"])
+    reqs = [(PROMPTS[i % len(PROMPTS)], {f"steer_{names[(11 * i) % len(names)]}": 4 if i % 2 else -4}, 24)
+            for i in range(24)]
+
+    async def traffic_and_load():
+        load = asyncio.to_thread(httpx.post, server.url + "/load_steer",
+                                 json={"name": "late", "path": str(path)}, timeout=300)
+        texts, response = await asyncio.gather(run_concurrently(server, reqs), load)
+        return texts, response
+
+    texts, response = asyncio.run(traffic_and_load())
+    assert response.status_code == 200, response.text
+    assert texts == run_alone(server, reqs)
+
+
 def test_a_steer_loaded_at_run_time_joins_mixed_batches(many, hf_model):
-    server, (late, path) = many["server"], many["late"]
-    r = httpx.post(server.url + "/load_steer", json={"name": "late", "path": str(path)}, timeout=300)
-    assert r.status_code == 200, r.text
+    late = many["late"][0]
     steers = {**many["steers"], "late": late}
     batch = mixed_batch(many["steers"])
     batch[0] = {"steer_late": 5}

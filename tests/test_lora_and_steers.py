@@ -1,0 +1,136 @@
+"""LoRA adapters and steers on one server: requests that carry an adapter (the OpenAI `model`
+field naming it) and steers share batches, each steered with its own values on top of its own
+adapter; a request with an adapter and no steer equals vLLM without the plugin. Real vLLM (CPU
+build, float32) on the default model, with two small LoRA adapters made here for it."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import openai
+import pytest
+import torch
+from conftest import ENGINE_ARGS, SERVER_ENV
+from safetensors.torch import save_file
+from test_serving import hf_steered_logprobs, token_ids
+
+from vllm_steer import SteerFile
+from vllm_steer.serving.server_process import ServerProcess, plain_server_command, steer_server_command
+
+LORA_RANK = 8
+LORA_ALPHA = 16
+TARGETS = ("q_proj", "v_proj")
+LORA_ARGS = ["--enable-lora", "--max-lora-rank", str(LORA_RANK), "--max-loras", "2"]
+PROMPTS = ["The weather in the mountains this weekend", "I opened the letter from my landlord and",
+           "Our team meeting this morning was"]
+
+
+def make_adapter(folder: Path, model_dir: Path, seed: int) -> dict[str, torch.Tensor]:
+    """A PEFT-format LoRA adapter on q_proj and v_proj of every layer, strong enough to change
+    greedy text; returns the weight deltas scale * B @ A by module name (for the reference)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    d, layers = config["hidden_size"], config["num_hidden_layers"]
+    kv = config["num_key_value_heads"] * (d // config["num_attention_heads"])
+    g = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    for i in range(layers):
+        for module, out in (("q_proj", d), ("v_proj", kv)):
+            a = torch.randn(LORA_RANK, d, generator=g) * 0.02
+            b = torch.randn(out, LORA_RANK, generator=g) * 0.05
+            prefix = f"base_model.model.model.layers.{i}.self_attn.{module}"
+            tensors[f"{prefix}.lora_A.weight"], tensors[f"{prefix}.lora_B.weight"] = a, b
+            deltas[f"model.layers.{i}.self_attn.{module}"] = (LORA_ALPHA / LORA_RANK) * b @ a
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"))
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": LORA_RANK, "lora_alpha": LORA_ALPHA,
+        "target_modules": list(TARGETS), "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "base_model_name_or_path": str(model_dir), "modules_to_save": None, "use_rslora": False}))
+    return deltas
+
+
+@pytest.fixture(scope="module")
+def lora(model_dir, steer_paths, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("adapters")
+    deltas = {name: make_adapter(folder / name, model_dir, seed) for seed, name in enumerate(["warm", "cold"], 1)}
+    modules = ["--lora-modules", *(f"{name}={folder / name}" for name in deltas)]
+    logs = tmp_path_factory.mktemp("lora_logs")
+    steered = ServerProcess(steer_server_command(str(model_dir), steer_paths, *LORA_ARGS, *modules, *ENGINE_ARGS),
+                            logs / "steer.log", env=SERVER_ENV)
+    plain = ServerProcess(plain_server_command(str(model_dir), *LORA_ARGS, *modules, *ENGINE_ARGS),
+                          logs / "plain.log", env={**SERVER_ENV, "VLLM_PLUGINS": ""})
+    steered.start()
+    plain.start()
+    try:
+        steered.wait_ready()
+        plain.wait_ready()
+        yield {"steer": steered, "plain": plain, "deltas": deltas}
+    finally:
+        steered.stop()
+        plain.stop()
+
+
+# (adapter or None for the base model, vllm_xargs or None): one batch of all of them.
+MIXED = [("warm", {"steer_alpha": 5}), ("cold", {"steer_beta": -4}), ("warm", None), (None, {"steer_alpha": -5}),
+         (None, None), ("cold", {"steer_alpha": 3, "steer_beta": 3}), ("warm", {"steer_alpha": [2.0, -1.0]}),
+         ("cold", None)]
+
+
+async def run(server, jobs, max_tokens=8):
+    aclient = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0)
+    base = (await aclient.models.list()).data[0].id
+
+    async def one(prompt, adapter, xargs):
+        extra = {"return_tokens_as_token_ids": True, **({"vllm_xargs": xargs} if xargs else {})}
+        r = await aclient.completions.create(model=adapter or base, prompt=prompt, max_tokens=max_tokens,
+                                             temperature=0, logprobs=1, extra_body=extra)
+        return r.choices[0]
+
+    try:
+        return await asyncio.gather(*(one(p, a, x) for p, (a, x) in jobs))
+    finally:
+        await aclient.close()
+
+
+def merged_model(model_dir, deltas):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, delta in deltas.items():
+            model.get_submodule(name).weight += delta
+    return model
+
+
+def test_adapters_and_steers_in_one_batch_match_the_formula(lora, model_dir, steer_paths):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    jobs = [(tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"], job) for i, job in enumerate(MIXED)]
+    batched = asyncio.run(run(lora["steer"], jobs))
+    alone = [asyncio.run(run(lora["steer"], [job]))[0] for job in jobs]
+    assert [b.text for b in batched] == [a.text for a in alone]
+    steers = {name: SteerFile.load(path) for name, path in steer_paths.items()}
+    models = {None: merged_model(model_dir, {}), **{a: merged_model(model_dir, d) for a, d in lora["deltas"].items()}}
+    worst = 0.0
+    for (ids, (adapter, xargs)), choice in zip(jobs, batched, strict=True):
+        gen = token_ids(choice)
+        ref = hf_steered_logprobs(models[adapter], ids + gen, steers, xargs or {})
+        for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs, strict=True)):
+            worst = max(worst, abs(lp - ref[len(ids) - 1 + i, tok].item()))
+    assert worst < 2e-3, f"largest |logprob difference| vs the formula on the merged adapter: {worst}"
+    # The adapters really act: the same prompt and steer under each adapter gives other text.
+    same = [("warm", {"steer_alpha": 5}), ("cold", {"steer_alpha": 5}), (None, {"steer_alpha": 5})]
+    texts = [c.text for c in asyncio.run(run(lora["steer"], [(PROMPTS[0], j) for j in same], max_tokens=16))]
+    assert len(set(texts)) == 3, texts
+
+
+def test_an_adapter_without_a_steer_equals_vllm_without_the_plugin(lora):
+    jobs = [(p, (a, None)) for p in PROMPTS for a in ("warm", "cold")]
+    ours = asyncio.run(run(lora["steer"], jobs, max_tokens=16))
+    theirs = asyncio.run(run(lora["plain"], jobs, max_tokens=16))
+    for o, t in zip(ours, theirs, strict=True):
+        assert o.text == t.text
+        assert o.logprobs.token_logprobs == t.logprobs.token_logprobs
