@@ -159,7 +159,7 @@ def test_a_steer_loaded_at_run_time_joins_mixed_batches(many, hf_model):
     batch = mixed_batch(many["steers"])
     batch[0] = {"steer_late": 5}
     batch[6] = {"steer_late": [-3, 1], "steer_m0": 4}
-    check_batch_against_formula(server, hf_model, steers, batch)
+    check_batch_against_formula(many["server"], hf_model, steers, batch)
 
 
 def test_more_steers_than_the_limit_is_a_400(many):
