@@ -42,11 +42,11 @@ def test_serve_defaults_are_capped_at_2_gib():
 
 def test_size_follows_max_num_seqs_and_max_model_len():
     tests = size_kv_cache(DEFAULT_MODEL_BPT, 128, 1024, 32)
-    assert tests.blocks == 32 * 8 and tests.limited_by == "32 full-length requests (--max-num-seqs)"
+    assert tests.blocks == 32 * 8 and tests.limited_by == "room for every one of --max-num-seqs at full length"
     assert size_kv_cache(DEFAULT_MODEL_BPT, 128, 1000, 4).blocks == 4 * 8  # partial blocks round up
     assert size_kv_cache(DEFAULT_MODEL_BPT, 32, 1024, 4).blocks == 4 * 32  # block size 32
     floor = size_kv_cache(DEFAULT_MODEL_BPT, 128, 1024, 1)
-    assert floor.blocks == 8 + 1 and "one full-length request" in floor.limited_by
+    assert floor.blocks == 8 + 1 and "the minimum: one full-length request" in floor.limited_by
     # The floor beats the cap: one 131,072-token request needs 1,025 blocks (5.6 GiB).
     long = size_kv_cache(DEFAULT_MODEL_BPT, 128, 131_072, 128, available_bytes=64 * GIB)
     assert long.blocks == 1025

@@ -78,9 +78,9 @@ def size_kv_cache(bytes_per_token: int, block_size: int, max_model_len: int, max
             f"{available_bytes / GIB:.2f} GiB of memory available: pass --max-model-len {fits} or less"
             + (", or free memory" if fits else "; free memory or use a smaller model or --kv-cache-dtype"))
     if wanted <= floor:
-        blocks, limited_by = floor, "one full-length request (vLLM's minimum) plus a block"
+        blocks, limited_by = floor, "the minimum: one full-length request (vLLM refuses less) plus a block"
     elif wanted <= ceiling:
-        blocks, limited_by = wanted, f"{max_num_seqs} full-length requests (--max-num-seqs)"
+        blocks, limited_by = wanted, "room for every one of --max-num-seqs at full length"
     else:
         cap = f"{cap_bytes / GIB:g} GiB" if budget == cap_bytes else f"{available_fraction:.0%} of available memory"
         blocks, limited_by = ceiling, f"capped at {cap}" + (f" over {workers} workers" if workers > 1 else "")
