@@ -110,7 +110,7 @@ def write_reference_checkpoint(path, k=2, d=24, r=6, **args):
 def test_convert_reference_checkpoint(tmp_path):
     ns, state = write_reference_checkpoint(tmp_path / "ref.pt", epsilon_extra=None)
     emb = torch.randn(50, 24)
-    steer = convert_reference_checkpoint(tmp_path / "ref.pt", output_embedding=emb, base_model="gpt2-local")
+    steer = convert_reference_checkpoint(tmp_path / "ref.pt", output_embedding=emb, base_model="gpt2-local").steer
     h = steer.header
     assert h.dim_names == ("steer", "bias") and h.primary_dim == "steer" and h.bias_dims == {"bias": 1.0}
     assert h.epsilon == 1e-3 and h.base_model == "gpt2-local" and h.recipe["step"] == 1000
@@ -118,10 +118,10 @@ def test_convert_reference_checkpoint(tmp_path):
     assert torch.equal(steer.projector1, state["projector1"]) and torch.equal(steer.projector2, state["projector2"])
 
 
-def test_convert_uses_namespace_dims_and_defaults(tmp_path):
+def test_convert_uses_namespace_dims(tmp_path):
     ns = argparse.Namespace(model_name="x", epsilon=5e-3, training_steer=1, dummy_steer=None)
     torch.save([ns, {"projector1": torch.randn(3, 8, 2), "projector2": torch.randn(3, 8, 2)}, 7], tmp_path / "r.pt")
-    steer = convert_reference_checkpoint(tmp_path / "r.pt")
+    steer = convert_reference_checkpoint(tmp_path / "r.pt").steer
     assert steer.header.dim_names == ("dim0", "steer", "dim2") and steer.header.bias_dims == {}
     assert steer.header.epsilon == 5e-3 and steer.header.fingerprint is None
 

@@ -14,6 +14,7 @@ from vllm_steer.serving.config import (
     RUNTIME_UPDATES_ENV,
     SteerConfig,
 )
+from vllm_steer.serving.cpu_kv_cache import choose_cpu_kv_cache, is_cpu_build
 
 from .arguments import byte_size, name_value_pairs, steers_in_folder
 
@@ -44,7 +45,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     """Start vLLM's OpenAI-compatible server with the steers loaded. Runs the server module
-    directly: the CPU wheel's `vllm serve` cannot find its own distribution."""
+    directly: the CPU wheel's `vllm serve` cannot find its own distribution. On the CPU build the
+    KV cache is sized to the model and the operator's limits unless the operator sized it."""
     from vllm_steer.steer.file import SteerFile
 
     steers = name_value_pairs(args.steer, "--steer", "NAME=PATH")
@@ -72,6 +74,11 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
         os.environ["VLLM_PLUGINS"] = plugins_allowlist_with_steer_endpoints(os.environ.get("VLLM_PLUGINS"))
     if args.allow_runtime_updates:
         os.environ[RUNTIME_UPDATES_ENV] = "1"
+    if is_cpu_build():
+        # vLLM's CPU worker would otherwise fill gpu_memory_utilization x the machine's memory with KV cache.
+        choice = choose_cpu_kv_cache(args.model, vllm_args)
+        print(choice.message, file=sys.stderr, flush=True)
+        vllm_args = [*vllm_args, *choice.args]
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
             "--logits-processors", STATE_PROCESSOR, *vllm_args]
     os.execv(sys.executable, argv)

@@ -237,29 +237,58 @@ def run_compose(args: argparse.Namespace) -> None:
 
 
 def add_convert(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("convert", help="import a reference LM-Steer checkpoint (.pt) as a steer file")
-    p.add_argument("checkpoint", help="the reference's torch.save file; it is unpickled, so trust it")
+    p = sub.add_parser(
+        "convert", help="import a reference LM-Steer checkpoint (.pt) as a steer file",
+        description="Import a checkpoint saved by the LM-Steer reference code: train.py's "
+                    "[Namespace, projectors, step] or steer_transfer.py's [None, projectors, step]. What the "
+                    "checkpoint does not say (a transferred file records neither eps nor its dummy dim) must be "
+                    "given, or assumed with --assume-defaults. DIM is an index 0..K-1 or a --dim-names name.")
+    p.add_argument("checkpoint", help="the reference's torch.save file (read without running code from it)")
     p.add_argument("output", help="the .safetensors steer file to write")
     p.add_argument("--model", help="the base model (folder or name) to fingerprint, so loading onto another fails")
     p.add_argument("--dim-names", help="comma-separated names for the K dims (default: steer, bias, dimN)")
+    p.add_argument("--epsilon", type=float, help="the steer's eps (overrides the Namespace's)")
+    p.add_argument("--primary-dim", metavar="DIM",
+                   help="the dim a scalar request value sets (overrides training_steer)")
+    p.add_argument("--bias-dim", action="append", default=[], metavar="DIM=VALUE",
+                   help="a dim held at VALUE whenever the steer is used, e.g. the reference's dummy dim: 1=1 "
+                        "(repeatable; overrides dummy_steer)")
+    p.add_argument("--no-bias-dim", action="store_true", help="the steer has no bias dims (overrides dummy_steer)")
+    p.add_argument("--assume-defaults", action="store_true",
+                   help="assume the reference README's recipe for what the checkpoint does not say: eps 1e-3, "
+                        "primary dim 0, dim 1 held at 1 when K=2")
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint fully even if it holds objects other than tensors and a "
+                        "Namespace (runs any code the file names: only for files you trust)")
     p.set_defaults(func=run_convert)
 
 
 def run_convert(args: argparse.Namespace) -> None:
-    from vllm_steer.tools.hf_model import load_output_embedding
-    from vllm_steer.tools.reference import convert_reference_checkpoint
+    from vllm_steer.tools.reference import ConvertOptions, convert_reference_checkpoint, head_bias_warning
 
-    embedding = load_output_embedding(args.model) if args.model else None
-    steer = convert_reference_checkpoint(
-        args.checkpoint,
-        dim_names=args.dim_names.split(",") if args.dim_names else None,
-        output_embedding=embedding,
-        base_model=args.model,
-    )
+    if args.no_bias_dim and args.bias_dim:
+        raise ValueError("--no-bias-dim and --bias-dim contradict each other: give one")
+    bias_dims = name_value_pairs(args.bias_dim, "--bias-dim", "DIM=VALUE", float) or ({} if args.no_bias_dim else None)
+    options = ConvertOptions(epsilon=args.epsilon, primary_dim=args.primary_dim, bias_dims=bias_dims,
+                             dim_names=args.dim_names.split(",") if args.dim_names else None,
+                             assume_defaults=args.assume_defaults, trust_pickle=args.trust_checkpoint)
+    embedding, warning = None, None
+    if args.model:
+        from vllm_steer.tools.hf_model import load_output_head
+
+        embedding, head_bias = load_output_head(args.model)
+        warning = head_bias_warning(args.model, head_bias)
+    conversion = convert_reference_checkpoint(args.checkpoint, options, output_embedding=embedding,
+                                              base_model=args.model)
+    steer = conversion.steer
+    if warning:
+        print(f"vllm-steer convert: warning: {warning}", file=sys.stderr)
+        steer = steer.with_header(recipe={**steer.header.recipe, "head_bias_warning": warning})
     steer.save(args.output)
     h = steer.header
+    print(conversion.report())
     print(f"wrote {args.output}: dims {list(h.dim_names)} (primary {h.primary_dim}, bias {h.bias_dims}), "
-          f"D={h.hidden_size}, r={h.rank}, eps={h.epsilon}, base model {h.base_model}, "
+          f"D={h.hidden_size}, r={h.rank}, eps={h.epsilon:g}, base model {h.base_model}, "
           f"fingerprint {'yes' if h.fingerprint else 'no (pass --model to add one)'}")
 
 

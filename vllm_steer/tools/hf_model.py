@@ -46,6 +46,12 @@ def load_output_embedding(model: str | Path) -> torch.Tensor:
     return output_head(_frozen_lm(model))[0].float()
 
 
+def load_output_head(model: str | Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """E [V, D] and the LM head's bias (None when it has none) of a transformers model, float32."""
+    weight, bias = output_head(_frozen_lm(model))
+    return weight.float(), None if bias is None else bias.float()
+
+
 def _frozen_lm(model: str | Path, device: str | torch.device = "cpu"):
     from transformers import AutoModelForCausalLM
 

@@ -1,76 +1,437 @@
-"""`vllm-steer convert`: import a checkpoint written by the LM-Steer reference code,
-torch.save([argparse.Namespace, {"projector1": P1, "projector2": P2}, step], path).
+"""`vllm-steer convert`: turn a checkpoint written by the LM-Steer reference code into a steer file,
+reading what the checkpoint says and refusing to guess what it does not.
 
-That is a pickle, so it is only ever opened here, at the user's explicit request
-(`vllm-steer convert`); the steer file it becomes loads without unpickling."""
+The reference's scripts save two layouts with `torch.save`:
+
+- `experiments/training/train.py`: `[argparse.Namespace, {"projector1", "projector2"}, step]`; the
+  Namespace holds every command-line field (eps, the trained dim `training_steer`, the dummy dim
+  `dummy_steer`, ...). The first public release had a bool `dummy_steer` (a ones column appended
+  last) and `pos_neg_independent` (the label split into a positive and a negative column).
+- `experiments/steer_transfer.py`: `[None, {"projector1", "projector2"}, step]`: no Namespace, so
+  eps and which dim is the dummy are not in the file at all.
+
+Both are pickles. They are read with `weights_only=True`, allowing `argparse.Namespace` and nothing
+else, so converting a reference file runs no code from it; anything else is refused unless the user
+says the file is trusted. Storages saved on a GPU (`cuda:0`) are mapped to the CPU."""
 
 from __future__ import annotations
 
+import argparse
+import math
+import pickle
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from vllm_steer.steer.file import SteerFile, SteerFileError
 from vllm_steer.steer.fingerprint import embedding_fingerprint
 
-# The reference's argument defaults (lm_steer/arguments.py), used where the Namespace is silent.
+# The reference's argument defaults (lm_steer/arguments.py) and the README recipes' layout
+# (train `--num_steers 2 --dummy_steer 1`, generate `--steer_values v 1`): what --assume-defaults assumes.
 REFERENCE_EPSILON = 1e-3
-REFERENCE_TRAINING_STEER = 0
+REFERENCE_PRIMARY_DIM = 0
+REFERENCE_DUMMY_DIM = 1
+REFERENCE_DUMMY_VALUE = 1.0
+
+TRAIN_LAYOUT = "train.py: [Namespace, projectors, step]"
+OLD_TRAIN_LAYOUT = "train.py of the first release (bool dummy_steer): [Namespace, projectors, step]"
+TRANSFER_LAYOUT = "steer_transfer.py: [None, projectors, step], no Namespace"
+
+ASSUMED_RECIPE = (
+    "the reference README's recipes train with `--num_steers 2 --dummy_steer 1` and eps 1e-3 (the default) "
+    "and generate with `--steer_values v 1`: dim 0 is the trained steer, dim 1 a dummy held at 1; "
+    "steer_transfer.py keeps its source's dims and eps and records neither"
+)
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What the user says on the command line; each overrides the checkpoint. A DIM is an index
+    (0..K-1) or one of `dim_names`. `bias_dims={}` states "no bias dims"; None leaves it to the file."""
+
+    epsilon: float | None = None
+    primary_dim: str | None = None
+    bias_dims: dict[str, float] | None = None
+    dim_names: list[str] | None = None
+    assume_defaults: bool = False
+    trust_pickle: bool = False
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting of the converted steer and where it came from."""
+
+    name: str
+    value: Any
+    shown: str
+    origin: str
+
+
+@dataclass
+class Conversion:
+    """The converted steer, the checkpoint's layout, each setting with its origin, and notes
+    (command-line values that differ from the Namespace, warnings)."""
+
+    steer: SteerFile
+    layout: str
+    step: int | None
+    settings: list[Setting]
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        """What was read and what was assumed, one line each."""
+        h = self.steer.header
+        lines = [f"read: {self.layout}; step {self.step}; K={h.num_dims}, D={h.hidden_size}, r={h.rank}"]
+        width = max(len(s.name) for s in self.settings)
+        lines += [f"  {s.name:<{width}}  {s.shown:<24} {s.origin}" for s in self.settings]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def load_reference_payload(path: str | Path, trust_pickle: bool = False) -> Any:
+    """The object a reference checkpoint holds, every storage on the CPU. Without `trust_pickle`
+    only tensors, containers, numbers, strings and argparse.Namespace are allowed (no code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"reference checkpoint not found: {path}")
+    try:
+        if trust_pickle:
+            return torch.load(str(path), map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if unsupported is None:
+            raise SteerFileError(f"{path}: cannot read as a torch checkpoint ({_first_line(e)})") from e
+        raise SteerFileError(
+            f"{path}: the file holds a Python object of type {unsupported.group(1)}, which the LM-Steer reference "
+            "scripts never save (they save tensors, an argparse.Namespace or None, and an int), so it was not "
+            "unpickled: unpickling runs whatever code the file names. If you made this file yourself or trust "
+            "its source, pass --trust-checkpoint to unpickle it fully."
+        ) from e
+    except Exception as e:
+        raise SteerFileError(f"{path}: cannot read as a torch checkpoint ({_first_line(e)})") from e
 
 
 def convert_reference_checkpoint(
     path: str | Path,
-    dim_names: list[str] | None = None,
+    options: ConvertOptions | None = None,
     output_embedding: torch.Tensor | None = None,
     base_model: str | None = None,
-) -> SteerFile:
-    """A SteerFile from a reference checkpoint. eps, the trained dim and the dummy (bias)
-    dim come from the checkpoint's Namespace where present; `output_embedding` ([V, D], the
-    model's lm_head weight) adds the fingerprint the reference never stored."""
-    try:
-        # weights_only=False: the checkpoint holds an argparse.Namespace. The user asked for this.
-        payload = torch.load(str(path), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise SteerFileError(f"{path}: cannot read as a torch checkpoint ({e})") from e
+) -> Conversion:
+    """Convert a reference checkpoint. eps, the primary dim and the bias dims come from `options`
+    where given, else from the checkpoint's Namespace, else (with `options.assume_defaults`) from
+    the reference README's recipe; anything still unknown is refused with what to pass.
+    `output_embedding` ([V, D], the model's LM-head weight) adds the fingerprint the reference never stored."""
+    options = options or ConvertOptions()
+    path = Path(path)
+    payload = load_reference_payload(path, options.trust_pickle)
+    namespace, state, step = _unpack(path, payload)
+    args = vars(namespace) if namespace is not None else None
+    _check_adaptor(path, args)
+    p1, p2 = _projectors(path, state)
+    num_dims, hidden, rank = p1.shape
+    _check_shapes(path, args, num_dims, rank)
+    layout = TRANSFER_LAYOUT if args is None else OLD_TRAIN_LAYOUT if _old_format(args) else TRAIN_LAYOUT
+
+    resolver = _Resolver(path, options, args, num_dims)
+    epsilon = resolver.epsilon()
+    bias = resolver.bias_dims()
+    primary = resolver.primary_dim(bias)
+    resolver.refuse_if_missing()
+
+    names = _dim_names(path, options.dim_names, num_dims, primary, bias)
+    fingerprint = None
+    if output_embedding is not None:
+        if output_embedding.shape[1] != hidden:
+            raise SteerFileError(
+                f"{path}: the steer's hidden size D={hidden} differs from the model's {output_embedding.shape[1]}: "
+                "this checkpoint was trained for another model (the reference's model_name is "
+                f"{(args or {}).get('model_name', 'not recorded')!r})"
+            )
+        fingerprint = embedding_fingerprint(output_embedding)
+
+    settings = [
+        Setting("epsilon", epsilon[0], f"{epsilon[0]:g}", epsilon[1]),
+        Setting("primary dim", primary[0], f"{primary[0]} {names[primary[0]]!r}", primary[1]),
+        Setting("bias dims", bias[0], ", ".join(f"{k} {names[k]!r} = {v:g}" for k, v in bias[0].items()) or "none",
+                bias[1]),
+    ]
+    recipe = {
+        "converted_from": f"LM-Steer reference checkpoint {path.name}",
+        "checkpoint_layout": layout,
+        "step": step,
+        "transferred": args is None,
+        "settings": {s.name.replace(" ", "_"): {"value": s.shown, "origin": s.origin} for s in settings},
+        "reference_args": None if args is None else {k: v for k, v in args.items() if _json_scalar_or_list(v)},
+    }
+    if resolver.notes:
+        recipe["notes"] = resolver.notes
+    short = "; ".join(f"{s.name} {s.shown} <- {s.origin}" for s in settings)
+    steer = SteerFile.create(
+        p1,
+        p2,
+        dim_names=names,
+        epsilon=epsilon[0],
+        primary_dim=names[primary[0]],
+        bias_dims={names[k]: v for k, v in bias[0].items()},
+        base_model=base_model or (args or {}).get("model_name"),
+        fingerprint=fingerprint,
+        recipe=recipe,
+        source=f"converted from LM-Steer reference checkpoint {path.name} ({layout}): {short}",
+    )
+    return Conversion(steer, layout, step, settings, list(resolver.notes))
+
+
+def head_bias_warning(model: str, bias: torch.Tensor | None) -> str | None:
+    """The warning for a model whose LM head has a bias (GPT-J): None when it has none."""
+    if bias is None or not bool(bias.abs().max() > 0):
+        return None
+    return (
+        f"{model}'s LM head has a bias (max |b| = {bias.abs().max().item():.3g}). The reference's wrappers drop it "
+        "(their logits are h' E^T, steered or not); vLLM adds it (h' E^T + b), as the model itself does. "
+        "So the served logprobs differ from the reference's outputs by the bias term at every steer value, "
+        "0 and unsteered included: the served model is the real model plus the steer, the reference's is the "
+        "model without its head bias plus the steer (a steer trained without b was fitted to the latter)."
+    )
+
+
+# ---------------------------------------------------------------------------- reading the payload
+
+
+def _unpack(path: Path, payload: Any) -> tuple[argparse.Namespace | None, dict, int | None]:
     if not (isinstance(payload, (list, tuple)) and len(payload) >= 2 and isinstance(payload[1], dict)):
-        raise SteerFileError(f"{path}: expected [Namespace, {{'projector1', 'projector2'}}, step]")
-    args, state = vars(payload[0]) if hasattr(payload[0], "__dict__") else {}, payload[1]
+        raise SteerFileError(
+            f"{path}: expected the reference's [Namespace or None, {{'projector1', 'projector2'}}, step], "
+            f"got {_describe(payload)}"
+        )
+    namespace = payload[0]
+    if namespace is not None and not isinstance(namespace, argparse.Namespace):
+        raise SteerFileError(
+            f"{path}: the first entry is {_describe(namespace)}; the reference saves an argparse.Namespace "
+            "(train.py) or None (steer_transfer.py) there"
+        )
+    step = payload[2] if len(payload) > 2 and isinstance(payload[2], int) else None
+    return namespace, payload[1], step
+
+
+def _projectors(path: Path, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    if "projector1" not in state or "projector2" not in state:
+        other = [k for k in ("add_vec", "offset_vec") if k in state]
+        hint = (f" ({other[0]} is the reference's '{other[0].split('_')[0]}' adaptor; only 'multiply', the "
+                "paper's, is supported)") if other else ""
+        raise SteerFileError(f"{path}: the state dict has no projector1/projector2 (keys: {sorted(state)}){hint}")
+    p1, p2 = state["projector1"], state["projector2"]
+    if not (isinstance(p1, torch.Tensor) and isinstance(p2, torch.Tensor)):
+        raise SteerFileError(f"{path}: projector1/projector2 must be tensors, got {_describe(p1)}, {_describe(p2)}")
+    if p1.dim() != 3 or p1.shape != p2.shape:
+        raise SteerFileError(f"{path}: projectors must both be [K, D, r], got {tuple(p1.shape)} and {tuple(p2.shape)}")
+    return p1.detach().float().contiguous(), p2.detach().float().contiguous()
+
+
+def _old_format(args: dict) -> bool:
+    """The first public release: a bool dummy_steer (appended last) and pos_neg_independent."""
+    return isinstance(args.get("dummy_steer"), bool) or "pos_neg_independent" in args
+
+
+def _check_adaptor(path: Path, args: dict | None) -> None:
+    if args is None:
+        return
     adaptor = args.get("adaptor_class", "multiply")
     if adaptor != "multiply":
         raise SteerFileError(f"{path}: adaptor_class {adaptor!r} is not supported, only 'multiply' (the paper's)")
-    if "projector1" not in state or "projector2" not in state:
-        raise SteerFileError(f"{path}: the state dict has no projector1/projector2 (keys: {sorted(state)})")
-    p1, p2 = state["projector1"].detach().float(), state["projector2"].detach().float()
-    if p1.dim() != 3 or p1.shape != p2.shape:
-        raise SteerFileError(f"{path}: projectors must both be [K, D, r], got {tuple(p1.shape)} and {tuple(p2.shape)}")
-    num_dims = p1.shape[0]
-    trained = int(args.get("training_steer", REFERENCE_TRAINING_STEER) or 0)
-    dummy = args.get("dummy_steer")
-    if dim_names is None:
-        dim_names = [f"dim{k}" for k in range(num_dims)]
-        dim_names[trained] = "steer"
-        if dummy is not None:
-            dim_names[int(dummy)] = "bias"
-    if len(dim_names) != num_dims:
-        raise SteerFileError(f"{path}: {len(dim_names)} dim names given for K={num_dims} dims")
-    fingerprint = None
-    if output_embedding is not None:
-        if output_embedding.shape[1] != p1.shape[1]:
+    component = args.get("adapted_component", "final_layer")
+    if component != "final_layer":
+        raise SteerFileError(
+            f"{path}: adapted_component {component!r}: this steer was trained on the model's input embedding, "
+            "not on the final hidden state that feeds the LM head, which is the only place vllm-steer applies "
+            "a steer ('final_layer'); serving it there would not be the steer that was trained"
+        )
+
+
+def _check_shapes(path: Path, args: dict | None, num_dims: int, rank: int) -> None:
+    for key, actual in (("num_steers", num_dims), ("rank", rank)):
+        said = (args or {}).get(key)
+        if isinstance(said, int) and not isinstance(said, bool) and said != actual:
             raise SteerFileError(
-                f"{path}: steer hidden size {p1.shape[1]} != the model's {output_embedding.shape[1]}"
+                f"{path}: the Namespace says {key}={said} but the projectors have {actual} "
+                f"(shape [K, D, r]): the Namespace does not describe these tensors, so nothing in it can be trusted"
             )
-        fingerprint = embedding_fingerprint(output_embedding)
-    recipe = {k: v for k, v in args.items() if isinstance(v, (str, int, float, bool, type(None)))}
-    recipe["step"] = payload[2] if len(payload) > 2 and isinstance(payload[2], int) else None
-    return SteerFile.create(
-        p1,
-        p2,
-        dim_names=dim_names,
-        epsilon=float(args.get("epsilon", REFERENCE_EPSILON)),
-        primary_dim=dim_names[trained],
-        bias_dims={dim_names[int(dummy)]: 1.0} if dummy is not None else {},
-        base_model=base_model or args.get("model_name"),
-        fingerprint=fingerprint,
-        recipe=recipe,
-        source=f"converted from LM-Steer reference checkpoint {Path(path).name}",
-    )
+
+
+# ---------------------------------------------------------------------------- the three settings
+
+
+class _Resolver:
+    """eps, the bias dims and the primary dim, each as (value, origin); records what is missing."""
+
+    def __init__(self, path: Path, options: ConvertOptions, args: dict | None, num_dims: int) -> None:
+        self.path, self.options, self.args, self.k = path, options, args, num_dims
+        self.missing: list[str] = []
+        self.notes: list[str] = []
+
+    def index(self, dim: str, flag: str) -> int:
+        names = self.options.dim_names or []
+        if dim in names:
+            return names.index(dim)
+        if re.fullmatch(r"\d+", dim) and int(dim) < self.k:
+            return int(dim)
+        choices = f"an index 0..{self.k - 1}" + (f" or one of --dim-names {names}" if names else
+                                                  " (or name the dims with --dim-names and use a name)")
+        raise SteerFileError(f"{self.path}: {flag} {dim!r} is not a dim of this K={self.k} checkpoint; give {choices}")
+
+    def _namespace_differs(self, what: str, field: str, said: Any, given: Any) -> None:
+        if said != given:
+            self.notes.append(f"{what}: the Namespace says {field}={said!r}; the command line's {given!r} is used")
+
+    def epsilon(self) -> tuple[float, str]:
+        args = self.args or {}
+        said = args.get("epsilon")
+        if said is not None and not (isinstance(said, (int, float)) and math.isfinite(said) and said > 0):
+            raise SteerFileError(f"{self.path}: the Namespace's epsilon {said!r} is not a positive number")
+        if self.options.epsilon is not None:
+            if said is not None:
+                self._namespace_differs("epsilon", "epsilon", float(said), float(self.options.epsilon))
+            return float(self.options.epsilon), "given on the command line (--epsilon)"
+        if said is not None:
+            return float(said), "read from the Namespace (epsilon)"
+        if self.options.assume_defaults:
+            return REFERENCE_EPSILON, "assumed: the reference's default eps (--assume-defaults)"
+        self.missing.append("epsilon")
+        return REFERENCE_EPSILON, ""
+
+    def _namespace_bias(self) -> tuple[dict[int, float], str] | None:
+        args = self.args
+        if args is None or "dummy_steer" not in args:
+            return None
+        dummy = args["dummy_steer"]
+        if isinstance(dummy, bool):  # first release: a ones column appended after the label column(s)
+            if not dummy:
+                return {}, "read from the Namespace (dummy_steer False: no dummy dim)"
+            index = 2 if args.get("pos_neg_independent") else 1
+            return {index: REFERENCE_DUMMY_VALUE}, (
+                f"read from the Namespace (dummy_steer True, first-release format: the ones column comes after "
+                f"the {'two label columns (pos_neg_independent)' if index == 2 else 'label column'})")
+        if dummy is None:
+            return {}, "read from the Namespace (dummy_steer None: no dummy dim)"
+        if not isinstance(dummy, int) or not 0 <= dummy < self.k:
+            raise SteerFileError(
+                f"{self.path}: the Namespace's dummy_steer {dummy!r} is not a dim index 0..{self.k - 1}")
+        return {dummy: REFERENCE_DUMMY_VALUE}, f"read from the Namespace (dummy_steer {dummy}, held at 1)"
+
+    def bias_dims(self) -> tuple[dict[int, float], str]:
+        said = self._namespace_bias()
+        if self.options.bias_dims is not None:
+            given = {self.index(d, "--bias-dim"): float(v) for d, v in self.options.bias_dims.items()}
+            for d, v in given.items():
+                if not math.isfinite(v):
+                    raise SteerFileError(f"{self.path}: --bias-dim {d}={v}: the value must be finite")
+            if said is not None:
+                self._namespace_differs("bias dims", "dummy_steer", said[0], given)
+            flag = "--bias-dim" if given else "--no-bias-dim"
+            return given, f"given on the command line ({flag})"
+        if said is not None:
+            return said
+        if self.options.assume_defaults:
+            if self.k == 2:
+                return {REFERENCE_DUMMY_DIM: REFERENCE_DUMMY_VALUE}, (
+                    "assumed: dim 1 is the reference's dummy steer, held at 1 (--assume-defaults, K=2)")
+            return {}, (f"assumed: none (--assume-defaults; the README's dummy-dim layout needs K=2, "
+                        f"this has K={self.k})")
+        self.missing.append("bias dims")
+        return {}, ""
+
+    def primary_dim(self, bias: tuple[dict[int, float], str]) -> tuple[int, str]:
+        args = self.args or {}
+        bias_dims = bias[0]
+        pos_neg = bool(args.get("pos_neg_independent"))
+        if self.options.primary_dim is not None:
+            given = self.index(self.options.primary_dim, "--primary-dim")
+            if given in bias_dims:
+                raise SteerFileError(
+                    f"{self.path}: --primary-dim {self.options.primary_dim} is dim {given}, which is also a bias dim "
+                    f"({bias[1]}); a scalar request value cannot set a dim that is held fixed")
+            if "training_steer" in args:
+                self._namespace_differs("primary dim", "training_steer", args["training_steer"], given)
+            return given, "given on the command line (--primary-dim)"
+        if pos_neg:
+            raise SteerFileError(
+                f"{self.path}: this checkpoint was trained with pos_neg_independent (first-release format): dim 0 "
+                "is 1 for positive examples and dim 1 is 1 for negative ones, so no single dim takes a signed "
+                "value. Choose the dim a scalar request sets with --primary-dim 0 (positive) or --primary-dim 1 "
+                "(negative), and send the other as a full list, e.g. {\"steer_x\": [0, 5, 1]}.")
+        if "training_steer" in args or (self.args is not None and _old_format(args)):
+            trained = args.get("training_steer", 0)
+            if not isinstance(trained, int) or isinstance(trained, bool) or not 0 <= trained < self.k:
+                raise SteerFileError(
+                    f"{self.path}: the Namespace's training_steer {trained!r} is not a dim index 0..{self.k - 1}")
+            if trained in bias_dims:
+                raise SteerFileError(
+                    f"{self.path}: the trained dim {trained} is also the dummy dim ({bias[1]}): the reference then "
+                    "overwrote every label with 1, so this steer was never trained on a label. Give --primary-dim "
+                    "and --bias-dim yourself if you know better.")
+            if "training_steer" in args:
+                return trained, f"read from the Namespace (training_steer {trained})"
+            return trained, "read from the Namespace (first-release format: the label is column 0)"
+        free = [k for k in range(self.k) if k not in bias_dims]
+        if len(free) == 1 and "bias dims" not in self.missing and not bias[1].startswith("assumed"):
+            return free[0], "the only dim that is not a bias dim"
+        if self.options.assume_defaults and REFERENCE_PRIMARY_DIM not in bias_dims:
+            return REFERENCE_PRIMARY_DIM, "assumed: dim 0 is the trained steer (--assume-defaults)"
+        self.missing.append("primary dim")
+        return (free or [0])[0], ""
+
+    def refuse_if_missing(self) -> None:
+        if not self.missing:
+            return
+        why = ("it has no Namespace (steer_transfer.py saves [None, projectors, step])" if self.args is None
+               else "its Namespace has no " + " or ".join(
+                   {"epsilon": "epsilon", "bias dims": "dummy_steer", "primary dim": "training_steer"}[m]
+                   for m in self.missing))
+        k2 = self.k == 2
+        assumed = (f"eps {REFERENCE_EPSILON:g}, primary dim {REFERENCE_PRIMARY_DIM}, "
+                   + (f"dim {REFERENCE_DUMMY_DIM} held at {REFERENCE_DUMMY_VALUE:g}" if k2 else
+                      f"no bias dims (this checkpoint has K={self.k}, not the README's 2)"))
+        raise SteerFileError(
+            f"{self.path}: this checkpoint does not say its {', '.join(self.missing)}: {why}. Guessing wrong "
+            "changes every steered logit (a missing dummy dim alone moves logprobs by up to 0.65 nats per token), "
+            "so say it:\n"
+            "  --epsilon EPS          the eps the steer was trained with\n"
+            "  --primary-dim DIM      the dim a scalar request value sets\n"
+            "  --bias-dim DIM=VALUE   a dim held at VALUE whenever the steer is used (repeatable); "
+            "--no-bias-dim for none\n"
+            f"  (DIM: an index 0..{self.k - 1}, or a name given with --dim-names)\n"
+            f"or pass --assume-defaults to assume {assumed}: {ASSUMED_RECIPE}. "
+            "The choice is printed and recorded in the file's recipe and source."
+        )
+
+
+def _dim_names(path: Path, given: list[str] | None, num_dims: int, primary: tuple[int, str],
+               bias: tuple[dict[int, float], str]) -> list[str]:
+    if given is not None:
+        if len(given) != num_dims:
+            raise SteerFileError(f"{path}: {len(given)} dim names given ({given}) for a K={num_dims} checkpoint")
+        return list(given)
+    names = [f"dim{k}" for k in range(num_dims)]
+    names[primary[0]] = "steer"
+    for k in bias[0]:
+        names[k] = "bias" if len(bias[0]) == 1 else f"bias{k}"
+    return names
+
+
+def _json_scalar_or_list(value: Any) -> bool:
+    if isinstance(value, (list, tuple)):
+        return all(isinstance(v, (str, int, float, bool, type(None))) for v in value)
+    return isinstance(value, (str, int, float, bool, type(None)))
+
+
+def _describe(obj: Any) -> str:
+    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
