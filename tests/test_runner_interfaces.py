@@ -29,7 +29,6 @@ from vllm_steer.steer.values import parse_steer_args, steer_values
 def served(steer_paths, monkeypatch):
     monkeypatch.setenv("VLLM_STEER_CONFIG", SteerConfig(steers=steer_paths).to_json())
     monkeypatch.setattr(serving_config, "_SERVED", None)
-    STEP.layer_seen = True  # no model here: the layer's start-up check is covered end to end
     register_plugin()  # as vLLM's plugin loader does in every process, before any model is built
     yield {name: SteerFile.load(path) for name, path in steer_paths.items()}
     monkeypatch.setattr(STEP, "table", None)
@@ -174,3 +173,33 @@ def test_mrv2_refuses_a_model_built_without_the_steered_layer(served, monkeypatc
                                         all_token_ids=None, prompt_len=None, prefill_len=None, total_len=None)
     with pytest.raises(RuntimeError, match="include vllm_steer"):
         SteerLogitsProcessor(stand_in_config(v2=True), req_states)
+
+
+def test_a_loaded_model_is_checked_and_the_steers_placed_before_any_step(served, monkeypatch, output_embedding):
+    """Right after vLLM loads the model (whether or not a warm-up follows): a model whose logits
+    layer is vLLM's own is refused; one with the steered layer gets its steers checked against its
+    LM head and placed; a pipeline stage without a logits layer is left alone."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.logits_processor import LogitsProcessor
+
+    from vllm_steer.serving.compat import attach_model
+
+    for field in ("placement", "lm_head", "hidden_dtype"):  # restored after the test
+        monkeypatch.setattr(STEP, field, None)
+    proc = SteerLogitsProcessor(stand_in_config(v2=False), torch.device("cpu"), False)
+    head = torch.nn.Module()
+    head.weight = torch.nn.Parameter(output_embedding, requires_grad=False)
+    head.shard_indices = SimpleNamespace(num_org_elements=output_embedding.shape[0], org_vocab_start_index=0)
+    with set_current_vllm_config(VllmConfig()):
+        steered = torch.nn.ModuleDict({"lm_head": head, "logits_processor": LogitsProcessor(49152)})
+        monkeypatch.delitem(op_registry_oot, "LogitsProcessor")
+        plain = torch.nn.ModuleDict({"lm_head": head, "logits_processor": LogitsProcessor(49152)})
+    with pytest.raises(RuntimeError, match="built without the steered logits layer"):
+        attach_model(plain, torch.float32)
+    attach_model(torch.nn.ModuleDict({"layer": torch.nn.Linear(2, 2)}), torch.float32)  # no LM head here
+    assert STEP.placement is None
+    steered.lm_head = head
+    attach_model(steered, torch.float32)
+    assert STEP.placement == (torch.device("cpu"), torch.float32) and STEP.lm_head is head
+    assert proc.table.bank.device == torch.device("cpu")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+import torch
 import vllm
 from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
 from vllm.model_executor.layers.logits_processor import LogitsProcessor as VllmLogitsLayer
@@ -74,6 +75,7 @@ def register_plugin() -> None:
         raise RuntimeError(f"another plugin already replaced vLLM's LogitsProcessor layer: {current}")
     PluggableLayer.register_oot(SteeredLogitsLayer, name=OOT_LAYER_NAME)
     install_beam_search_refusal()
+    install_load_model_hook()
     # The engine-side half of the runtime registry: a worker method collective_rpc can name
     # (callables would need VLLM_ALLOW_INSECURE_SERIALIZATION).
     from vllm.v1.worker.worker_base import WorkerBase
@@ -130,3 +132,40 @@ def install_mrv2_sample_hook() -> None:
 
     sample._vllm_steer_hook = True
     GPUModelRunner.sample = sample
+
+
+def install_load_model_hook() -> None:
+    """Wrap the worker's `load_model` (both model runners, GPU and CPU) so the steers meet the model
+    as soon as it is loaded: whether or not vLLM then runs a warm-up (the CPU backend skips it
+    without compilation, e.g. with LoRA), each steer's fingerprint is checked, the steer basis is
+    placed on the model's device and its kernels compiled before the first request."""
+    from vllm.v1.worker.gpu_worker import Worker
+
+    original = Worker.load_model
+    if getattr(original, "_vllm_steer_hook", False):
+        return
+    expect_params(original, ["self", "load_dummy_weights"])
+
+    @functools.wraps(original)
+    def load_model(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        if STEP.table is not None:
+            attach_model(self.model_runner.get_model(), self.model_config.dtype)
+
+    load_model._vllm_steer_hook = True
+    Worker.load_model = load_model
+
+
+def attach_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Hand the loaded model to the step mailbox; refuse a model whose logits layer is not the
+    steered one (it would serve steered requests unsteered). A pipeline stage without the LM head
+    has no logits layer and nothing to steer."""
+    logits_layers = [m for m in model.modules() if isinstance(m, VllmLogitsLayer)]
+    if not logits_layers:
+        return
+    if not any(isinstance(m, SteeredLogitsLayer) for m in logits_layers):
+        raise RuntimeError(
+            "vllm-steer: the model was built without the steered logits layer (its logits layer is "
+            f"{type(logits_layers[0]).__name__}); refusing to serve steered requests unsteered. Install vllm-steer "
+            "with pip so its vllm.general_plugins entry point exists, and if VLLM_PLUGINS is set, include vllm_steer.")
+    STEP.attach_model(getattr(model, "lm_head", None), next(model.parameters()).device, dtype)

@@ -23,7 +23,5 @@ class SteeredLogitsLayer(VllmLogitsLayer):
         skip_gather: bool = False,
     ) -> torch.Tensor | None:
         if STEP.table is not None:
-            if not STEP.layer_seen:
-                STEP.check_model(lm_head, hidden_states)
             hidden_states = STEP.take(hidden_states)
         return VllmLogitsLayer.forward(self, lm_head, hidden_states, embedding_bias, skip_gather)

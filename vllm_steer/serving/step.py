@@ -27,7 +27,6 @@ class StepState:
     armed_rows: int = 0  # the next compute_logits with this many rows is the step's sampling call
     steered: bool = False  # any row of the armed step has nonzero values
     row_to_index: torch.Tensor | None = None  # MRV2: logits row -> slot; MRV1: None (row i is row i)
-    layer_seen: bool = False  # set by the steered layer's first call: it is in the model
     vocab_size: int = 0
     lm_head: torch.nn.Module | None = None  # kept to check steers loaded at run time
     placement: tuple[torch.device, torch.dtype] | None = None  # the steer basis's device and dtype
@@ -35,26 +34,23 @@ class StepState:
 
     def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
         self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
-        if steered and not self.layer_seen:
-            raise RuntimeError("vllm-steer: the model has no steered logits layer; refusing to serve unsteered")
 
     def disarm(self) -> None:
         """Forget the armed step: every per-step field together."""
         self.armed_rows, self.steered, self.row_to_index = 0, False, None
 
-    def check_model(self, lm_head: torch.nn.Module, hidden_states: torch.Tensor) -> None:
-        """Once, at the first logits computation (vLLM's start-up profile run): each steer must
-        fit this model's output embedding, or the server does not start; then the steer basis
-        goes to the model's device (counted in vLLM's memory profile, before the KV cache is
-        sized) and the kernels it will launch are compiled, so that nothing compiles while serving."""
-        self.layer_seen, self.lm_head = True, lm_head
+    def attach_model(self, lm_head: torch.nn.Module | None, device: torch.device, dtype: torch.dtype) -> None:
+        """Once, right after the model is loaded (before vLLM sizes the KV cache): each steer must
+        fit this model's output embedding, or the server does not start; then the steer basis goes
+        to the model's device (counted in vLLM's memory accounting) and the kernels it will launch
+        are compiled, so that nothing compiles while serving. `dtype`: the model's (hidden state's)."""
+        self.lm_head = getattr(lm_head, "base_layer", lm_head)  # under LoRA, the wrapped head
         self.check_fingerprints(self.table.config)
         # fp32 weights (exact, and what the CPU torch op computes in anyway), except on a GPU
         # serving a half-precision model, where the kernel reads the weights in the model's
         # dtype: half the bytes, and within the rounding the model's own hidden state has.
-        dtype = hidden_states.dtype if hidden_states.is_cuda else torch.float32
-        self.placement = (hidden_states.device, dtype if dtype in (torch.bfloat16, torch.float16) else torch.float32)
-        self.hidden_dtype = hidden_states.dtype
+        half = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        self.placement, self.hidden_dtype = (device, dtype if half else torch.float32), dtype
         self.place_table()
 
     def place_table(self) -> None:
