@@ -59,8 +59,13 @@ class SteerConfig:
     @cached_property
     def value_bounds(self) -> dict[str, float]:
         """Each steer's bound: the operator's if given, else the file's, else max_abs_value."""
+        return self.bounds_for(self.catalog)
+
+    def bounds_for(self, catalog: dict[str, SteerHeader]) -> dict[str, float]:
+        """`value_bounds` for steers whose headers are at hand (a worker's, read from the weights
+        it loaded, rather than from paths that need not exist on its node)."""
         return {name: self.bounds.get(name) or header.max_abs_value or self.max_abs_value
-                for name, header in self.catalog.items()}
+                for name, header in catalog.items()}
 
     def with_steer(self, name: str, path: str, bound: float | None = None) -> SteerConfig:
         if name in self.steers:

@@ -7,16 +7,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from vllm.logger import init_logger
 
 from vllm_steer.steer.file import SteerFileError
 from vllm_steer.steer.fingerprint import fingerprint_mismatch
 from vllm_steer.steer.formula import SteerBank
 
 from .config import SteerConfig
-from .table import SteerTable
-
-logger = init_logger("vllm.vllm_steer")  # under vLLM's logger: its handler, level and format
+from .table import SteerTable, logger
 
 
 @dataclass

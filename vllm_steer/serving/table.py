@@ -8,16 +8,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 
 from vllm_steer.steer.file import SteerFile
 from vllm_steer.steer.fingerprint import check_fits_model
 from vllm_steer.steer.formula import SteerBank
-from vllm_steer.steer.values import parse_steer_args
+from vllm_steer.steer.values import SteerRequestError, parse_steer_args
 
 from .config import SteerConfig
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
+
+logger = init_logger("vllm.vllm_steer")  # under vLLM's logger: its handler, level and format
 
 
 class SteerTable:
@@ -33,6 +36,7 @@ class SteerTable:
 
     def __init__(self, config: SteerConfig, bank: SteerBank, capacity: int, device: torch.device) -> None:
         self.config, self.bank, self.device_type = config, bank, torch.device(device)
+        self.bounds = config.bounds_for(bank.headers)
         self.retired: dict[str, float] = {}  # unloaded steers still served: name -> time of unload
         slots = config.max_steers_per_request
         # Pageable, not pinned: a copy from pageable memory has read the source before it
@@ -84,9 +88,16 @@ class SteerTable:
         return table
 
     def set(self, index: int, params: SamplingParams) -> None:
-        # Validated in the front end already; parsed again here against this table's steers.
-        request = parse_steer_args(params.extra_args, self.config.catalog, self.config.value_bounds,
-                                   self.config.max_steers_per_request)
+        # Validated in the front end already; parsed again here against this table's steers. A
+        # failure here means the front end and the workers disagree on the steer set: never worth
+        # the engine (it would fail every request in flight), so the row is served unsteered, loudly.
+        try:
+            request = parse_steer_args(params.extra_args, self.bank.headers, self.bounds,
+                                       self.config.max_steers_per_request)
+        except SteerRequestError as e:
+            logger.error("vllm-steer: a request admitted by the API front end names steers this worker does not "
+                         "serve (%s); it is served UNSTEERED. The front end's and the workers' steer sets differ.", e)
+            request = {}
         steers, values = self.bank.row_entries(request)
         self.clear(index)
         for slot, (n, vals) in enumerate(zip(steers, values, strict=True)):
