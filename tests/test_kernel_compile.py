@@ -124,6 +124,7 @@ def _enumerate(arch: str, subset: str) -> list[dict]:
             entry["labels"].add(label)
             entry["default"] |= default
             entry.setdefault("layouts", []).append({k: str(v).removeprefix("torch.") for k, v in layout.items()})
+            entry.setdefault("grids", {})[label] = list(launch.grid)  # the variant's grid differs per case
 
     pairs = _dtype_pairs()
     if subset in ("plugin", "tests"):
@@ -208,7 +209,7 @@ def _describe(entry: dict) -> dict:
             "num_warps": launch.kwargs["num_warps"], "num_stages": launch.kwargs["num_stages"],
             "arg_types": [x[0] for x in entry["spec"] if str(x[0]).startswith("*")],
             "specialisation": {n: a for n, a in attrs.items() if a}, "labels": sorted(entry["labels"]),
-            "default": entry["default"], "layout": entry["layouts"][0]}
+            "default": entry["default"], "layout": entry["layouts"][0], "grids": entry["grids"]}
 
 
 def worker(argv: list[str]) -> int:
@@ -409,7 +410,7 @@ def write_report(path: Path) -> None:
     by_point: dict = {}
     for r in rows:
         for label in r["labels"]:
-            by_point.setdefault((r["triton"], r["arch"], label), []).append(r)
+            by_point.setdefault((r["triton"], r["arch"], label), []).append({**r, "grid": r["grids"][label]})
     versions = sorted({r["triton"] for r in rows})
     lines = ["# Steer kernels: compile-time facts (sm_90, sm_80)", "",
              f"Static figures of the kernels the config heuristic picks at D = 4096, bf16 hidden state and "
@@ -450,6 +451,16 @@ def write_report(path: Path) -> None:
                                  f"grid {ex['grid']}")
                     lines.append(f"| {r_} | {b} | {shape} | " + " | ".join(cells) + " |")
             lines.append("")
+    ok = [r for r in rows if r["ok"]]
+    main = [r for r in ok if r["kernel"] != "_finalize_kernel"]
+    lines += ["## Summary", "",
+              f"{len(rows)} compiled kernels ({len(rows) - len(ok)} failed to compile); spills in "
+              f"{sum(1 for r in ok if r['spill_stores'] or r['spill_loads'])}; shrink/expand stages "
+              f"{min(r['num_stages'] for r in main)}..{max(r['num_stages'] for r in main)}; registers up to "
+              f"{max(r['registers'] for r in ok)}; shared memory up to "
+              + ", ".join(f"{max(r['shared'] for r in ok if r['arch'] == a) / 1024:.0f} KiB on {a} (limit "
+                          f"{next(r['smem_per_block'] for r in ok if r['arch'] == a) / 1024:.0f})" for a in ARCHS)
+              + ". Tensor cores: " + ", ".join(sorted({m for r in ok for m in r["mma"]})) + ".", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
