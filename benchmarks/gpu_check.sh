@@ -11,10 +11,11 @@
 #    batch <= 64), other models, a config sweep; results rewritten after every point;
 # 3. where transformers, tokenizers and safetensors are installed: training on CUDA against CPU
 #    (tests/test_training.py -k cuda).
-# Worst case under 8 minutes: every step runs under `timeout` (1: 160 s, about 120 kernel variants
-# to compile; 2: 160 s; 3: 120 s; set-up about 10 s). Exit status: 1 for a real failure (a test
-# failed or timed out, the benchmark crashed), 2 when torch/Triton/vllm_steer cannot be imported,
-# else 0; a benchmark cut short by its timeout keeps its partial results and is not a failure.
+# Worst case under 8 minutes: every step runs under `timeout` (1: 160 s, for 80 kernel variants to
+# compile, 92 s of compiling on the 2-core CPU machine; 2: 160 s; 3: 120 s; set-up about 10 s).
+# Exit status: 1 for a real failure (a test failed or timed out, the benchmark crashed), 2 when
+# torch/Triton/vllm_steer cannot be imported, else 0; a benchmark cut short by its timeout keeps
+# its partial results and is not a failure.
 # Everything lands in OUTDIR: env.txt, kernel_tests.log, kernel_bench.{log,json,md},
 # kernel_bench_summary.md, training_cuda.log, summary.txt.
 set -uo pipefail

@@ -559,7 +559,8 @@ def _launch(hidden: torch.Tensor, down: torch.Tensor, up: torch.Tensor, col_dim:
             row_values: torch.Tensor, out: torch.Tensor, cfg: _Config | None = None) -> torch.Tensor:
     """Run the kernels with an explicit config (the tests and the benchmark's sweep use this to
     cover split and tile shapes the heuristic rarely picks); cfg None: the heuristic's.
-    Shapes as in `steer_hidden_triton`; out [B, D] in hidden's dtype."""
+    hidden [B, D], down [D, R], up [R, D], col_dim [R], row_values [B, Ktot], out [B, D] in
+    hidden's dtype (may be hidden itself)."""
     _check(hidden, down, up, col_dim, row_values, out)
     target = _target_for(hidden)
     cfg = cfg or _default_config(hidden, down, target)

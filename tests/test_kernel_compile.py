@@ -33,6 +33,7 @@ import io
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -295,6 +296,8 @@ def run_workers(jobs: list[tuple[Path | None, str, int]], outdir: Path, timeout_
     rows = []
     for _, out, _ in procs:
         rows += [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    for cache in outdir.glob("cache*"):  # nothing is reused between runs: drop the compiled kernels
+        shutil.rmtree(cache, ignore_errors=True)
     return rows
 
 
