@@ -163,9 +163,10 @@ def _shrink_kernel(
     """coef[split, rows, cols] = (h[rows, Dsplit] @ down[Dsplit, cols]) * vals[rows, col_dim[cols]];
     the columns R..R16 of coef's padded rows are written as zeros. used[row block, cols] (int8,
     written by the first split): 1 where some row of the block has a non-zero value there.
-    R = r_q * R_ALIGN and down's row stride = stride_dd_q * R_ALIGN: R_ALIGN (a power of two up
-    to 16 dividing both) tells Triton how far the rows of `down` are aligned, so that they load
-    in vectors (and through cp.async) also when R is not a multiple of 16 (R = 1000, 200, ...).
+    R = r_q * R_ALIGN and down's row stride = stride_dd_q * R_ALIGN: R_ALIGN (a power of two
+    dividing both, at most 16 bytes' worth of elements) tells Triton how far the rows of `down`
+    are aligned, so that they load in 16-byte vectors (and through cp.async) also when R is not a
+    multiple of 16 (R = 1000, 200, ...).
     Triton's own specialisation only knows "multiple of 16" or nothing (and makes R == 1 a
     constant, a variant of its own); r_q and stride_dd_q are therefore not specialised."""
     R = r_q * R_ALIGN
@@ -375,27 +376,48 @@ def _pow2_at_most(x: int, cap: int) -> int:
 _BUCKETS = ((4, 16, 32), (16, 16, 128), (32, 32, 128), (1 << 62, 64, 128))
 
 
+_SMALL_WEIGHTS = 2 << 20  # bytes of down (or up) under which the op is launch-latency bound
+_SPLIT_K = 8  # the one split over D the heuristic uses (one extra variant per bucket)
+
+
 @functools.lru_cache(maxsize=4096)
 def _pick_config(b: int, d: int, r: int, target: _Target, h_size: int = 2, w_size: int = 2) -> _Config:
     """Heuristic tiles (estimates until the benchmark's sweep on a GPU says otherwise).
 
     Decode (small B) is bound by reading down and up: every kernel wants about one program per
-    SM with at least two tiles in flight (three pipeline stages), more where the tiles are
-    small. The batch picks a bucket (rows per program, the expand's BLOCK_D). Shrink: BLOCK_R
-    twice the rows (every R tile reads h again); a fixed split over D (8 partials for 16 rows,
-    128 / rows in general) where there are too few R tiles (small R). Expand: BLOCK_D from the
-    bucket, 256 where the shrink split D (its partials are re-read by every D tile); a split over
-    R where there are too few D tiles. h_size/w_size: bytes per element of h and the weights."""
+    SM with at least two tiles in flight (three pipeline stages). The batch picks a bucket (rows
+    per program, the expand's BLOCK_D). Shrink: BLOCK_R twice the rows (every R tile reads h
+    again). Where that leaves fewer R tiles than 3/4 of the SMs: a split over D into 8 partials
+    if its cost is small, i.e. every D tile of the expand re-reading the partials stays within
+    half the `up` bytes (up to 4 rows) or the weights are small enough (2 MB) that the op is
+    latency bound anyway; otherwise BLOCK_R = the rows (twice the tiles, no partials). Expand:
+    BLOCK_D from the bucket (at least 128 under a split), then a split over R where there are
+    too few D tiles (not for small weights: a third launch costs more than it saves there).
+    fp32 weights take shorter tiles (their tf32 hi/lo splits need the registers).
+    h_size/w_size: bytes per element of h and of the weights."""
     block_m, block_d = next((m, bd) for top, m, bd in _BUCKETS if b <= top)
+    rows = min(block_m, next(top for top, _, _ in _BUCKETS if b <= top))  # the bucket's largest batch
     m_blocks = triton.cdiv(b, block_m)
     enough = (3 * target.num_sms) // 4
     stage_cap = _stage_budget(target) // 2  # three stages at least
 
     shrink_block_r = 2 * block_m
-    r_tiles = m_blocks * triton.cdiv(r, shrink_block_r)
-    split_k = 1 if r_tiles >= enough or d < 2 * 64 * (128 // block_m) else 128 // block_m
-    # tiles past D are masked off; fp32 weights (tf32 hi/lo splits of both operands) spill at more
+    split_k = 1
+    if m_blocks * triton.cdiv(r, shrink_block_r) < enough:
+        cheap = _SPLIT_K * rows * 4 * 2 <= max(block_d, 128) * w_size or d * r * w_size <= _SMALL_WEIGHTS
+        if cheap and d >= 2 * 64 * _SPLIT_K:  # two 64-deep D tiles per split at least
+            split_k = _SPLIT_K
+        else:
+            shrink_block_r = block_m
+    # Tiles past D are masked off. fp32 weights (tf32 hi/lo splits of the operands) spill at
+    # more than 64 (32 for 64 rows); so do rows that cannot be copied in 16-byte vectors (R or D
+    # not a multiple of 16 bytes' worth of elements: element-wise loads held in registers) at
+    # more than 32.
     block_k = 64 if split_k > 1 or w_size == 4 else 256 if block_m == 16 else 128
+    if w_size == 4 and block_m == 64:
+        block_k = 32
+    if r % (16 // w_size) or d % (16 // h_size):
+        block_k = 32
     while block_k > 32 and block_k * (block_m * h_size + shrink_block_r * w_size) > stage_cap:
         block_k //= 2
 
@@ -406,10 +428,11 @@ def _pick_config(b: int, d: int, r: int, target: _Target, h_size: int = 2, w_siz
         expand_block_r //= 2
     d_programs = m_blocks * triton.cdiv(d, block_d)
     r_chunks = triton.cdiv(r, expand_block_r)
-    split_r = 1 if d_programs >= enough else max(1, min(triton.cdiv(target.num_sms, d_programs), r_chunks // 2,
-                                                         _MAX_SPLIT_R))
+    split_r = 1
+    if d_programs < enough and d * r * w_size > _SMALL_WEIGHTS:
+        split_r = max(1, min(triton.cdiv(target.num_sms, d_programs), r_chunks // 2, _MAX_SPLIT_R))
     return _Config(block_m, shrink_block_r, block_k, split_k, block_d, expand_block_r, split_r,
-                   shrink_warps=8 if block_m * shrink_block_r >= 64 * 128 else 4,
+                   shrink_warps=8 if block_m * shrink_block_r >= 64 * 64 else 4,
                    expand_warps=8 if block_m * block_d >= 64 * 128 else 4)
 
 
@@ -481,7 +504,7 @@ def _plan(hidden: torch.Tensor, down: torch.Tensor, up: torch.Tensor, col_dim: t
     k_tiles_per_split = triton.cdiv(k_tiles, cfg.split_k)
     split_k = cfg.split_k  # a trailing split may be empty (it writes zeros): one variant per split count
     r16 = _round_up(r, 16)
-    r_align = _pow2_divisor(r, down.stride(0))
+    r_align = _pow2_divisor(r, down.stride(0), cap=16 // down.element_size())  # 16-byte rows are enough
     coef = torch.empty((split_k, b, r16), dtype=torch.float32, device=hidden.device)
     used = torch.empty((triton.cdiv(b, cfg.block_m), r16), dtype=torch.int8, device=hidden.device)
     shrink_stages = cfg.shrink_stages or _auto_stages(_shrink_stage_bytes(cfg, h_size, w_size), target)
