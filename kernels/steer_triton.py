@@ -26,8 +26,9 @@ equal at 64 rows where registers cap the tile) and gets the parallelism back by 
 (split_r) rather than narrowing BLOCK_D. The price of that split is the third launch and
 split_r * B * D * 8 bytes of partials, small against `up` once R is large (the only case where
 bandwidth matters; at small R the op is launch-latency bound). The shrink has the mirror
-problem (every R tile reads h again): its BLOCK_R is twice the rows. split_k (small R only) is
-one value per row bucket, 128 / rows, so that it adds one compiled variant per bucket at most.
+problem (every R tile reads h again): its BLOCK_R is twice the rows. split_k is one value (8),
+used only where R gives too few R tiles and its re-reads are cheap (see `_pick_config`), so that
+it adds one compiled variant per bucket at most.
 
 One launch would need a grid-wide barrier, atomics into an fp32 accumulator (results then
 change from run to run) or a "last program of a tile reduces" counter (a persistent buffer
@@ -51,10 +52,11 @@ the coefficients, so Triton pipelines both loads without keeping loaded tiles in
 Precision: fp32 accumulation throughout, products exact on the tensor cores.
  - h and down in the same 16-bit dtype: the native bf16/fp16 tensor-core dot (16-bit products
    are exact in fp32).
- - otherwise tf32 tensor-core dots on operands split so that no bits are lost: a bf16/fp16
+ - otherwise tf32 tensor-core dots on operands split so that hardly a bit is lost: a bf16/fp16
    value is exactly a tf32 value, an fp32 value is split into hi + lo, each with tf32's 11
    significant bits (masked here, so the hardware's truncation to tf32 is a no-op and the
-   interpreter computes the same products); the missing lo*lo term leaves about 2^-21 relative.
+   interpreter computes the same products); lo's truncation and the missing lo*lo term leave
+   about 2^-19 relative at worst (2^-20 per split operand).
    fp32 x fp32 takes 3 dots, 16-bit x fp32 takes 2.
  - the expand's left operand is the fp32 c. With bf16 `up` and a 16-bit output it is split
    into bf16 hi + lo (2 bf16 dots, ~2^-16 relative, far below the output's rounding); with
@@ -106,7 +108,7 @@ _BLOCK_KT = 16  # row_values columns per step of the steered-row test
 @triton.jit
 def _tf32_parts(x):
     """x (fp32) as hi + lo, each with tf32's 11 significant bits (the lowest 13 mantissa bits
-    zeroed), so that a tf32 tensor core multiplies them exactly. |x - hi - lo| < 2^-21 |x|."""
+    zeroed), so that a tf32 tensor core multiplies them exactly. |x - hi - lo| < 2^-20 |x|."""
     hi = (x.to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
     lo = ((x - hi).to(tl.int32, bitcast=True) & -8192).to(tl.float32, bitcast=True)
     return hi, lo
