@@ -69,6 +69,8 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self.staged = False
         STEP.table = SteerTable(config, files, capacity, torch.device(device))
         STEP.vocab_size = vllm_config.model_config.get_vocab_size()
+        spec = vllm_config.speculative_config
+        STEP.max_rows = capacity * (1 + (spec.num_speculative_tokens if spec else 0))
         bank = STEP.table.bank
         logger.info("vllm-steer: loaded steers %s (K_total=%d, R=%d, %s)", ", ".join(config.steers),
                     bank.num_dims, bank.total_rank, "model runner V2" if self.v2 else "legacy model runner")

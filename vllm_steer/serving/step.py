@@ -31,6 +31,7 @@ class StepState:
     lm_head: torch.nn.Module | None = None  # kept to check steers loaded at run time
     placement: tuple[torch.device, torch.dtype] | None = None  # the steer basis's device and dtype
     hidden_dtype: torch.dtype | None = None  # the model's hidden state dtype (what the kernels are compiled for)
+    max_rows: int = 0  # the most logits rows a step can have (requests x (1 + speculative tokens))
 
     def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
         self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
@@ -61,7 +62,7 @@ class StepState:
         start-up, and when a runtime load or unload replaces the table)."""
         device, dtype = self.placement
         bank = self.table.bank.to(device, dtype)
-        compiled = bank.warm_up(self.table.capacity, self.hidden_dtype)
+        compiled = bank.warm_up(self.max_rows or self.table.capacity, self.hidden_dtype)
         logger.info("vllm-steer: steer basis on %s in %s, %s%s", device, dtype,
                     "as dense W_k (one GEMM)" if bank.dense is not None else f"as factors (R={bank.total_rank})",
                     f"; {compiled} kernel variants compiled" if compiled else "")
