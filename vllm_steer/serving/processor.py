@@ -71,6 +71,8 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         self.staged = False
         STEP.table = SteerTable.load(config, capacity, torch.device(device), vllm_config.model_config.get_hidden_size())
         STEP.vocab_size = vllm_config.model_config.get_vocab_size()
+        spec = vllm_config.speculative_config
+        STEP.max_rows = capacity * (1 + (spec.num_speculative_tokens if spec else 0))
         bank = STEP.table.bank
         logger.info("vllm-steer: loaded %d steers in %.1f s (%s), up to %d per request; %s",
                     len(bank.names), time.perf_counter() - began, ", ".join(bank.names[:8])

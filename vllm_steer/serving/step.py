@@ -28,6 +28,7 @@ class StepState:
     lm_head: torch.nn.Module | None = None  # kept to check steers loaded at run time
     placement: tuple[torch.device, torch.dtype] | None = None  # the steer basis's device and dtype
     hidden_dtype: torch.dtype | None = None  # the model's hidden state dtype (what the kernels are compiled for)
+    max_rows: int = 0  # the most logits rows a step can have (requests x (1 + speculative tokens))
 
     def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
         self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
@@ -57,7 +58,8 @@ class StepState:
         bank = self.table.bank.placed(device, dtype)
         check_memory_budget(bank, self.table.config.memory_budget)
         self.table.bank = bank
-        compiled = bank.warm_up(self.table.capacity, self.table.config.max_steers_per_request, self.hidden_dtype)
+        compiled = bank.warm_up(self.max_rows or self.table.capacity, self.table.config.max_steers_per_request,
+                                self.hidden_dtype)
         dense = sum(e.up_start < 0 for e in bank.entries)
         logger.info("vllm-steer: %d steers on %s in %s: %.1f MiB%s%s", len(bank.names), device, dtype,
                     bank_bytes(bank) / 2**20, f" ({dense} dense W_k, one GEMM each)" if dense else "",
