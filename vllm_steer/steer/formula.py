@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_steer.kernels import steer_hidden_gather, warm_up
+from vllm_steer.kernels import GatherLayout, steer_hidden_gather, warm_up
 
 from .file import SteerFile, SteerHeader
 
@@ -90,6 +90,8 @@ class SteerBank:
         self.cols = torch.tensor([[e.down_start, e.num_dims, e.rank, e.up_start] for e in self.entries],
                                  dtype=torch.int32, device=self.device)
         self.max_dims = max(h.num_dims for h in headers.values())
+        # The host-side facts the CUDA kernel's launch shape needs, from the entries (no device read).
+        self.layout = GatherLayout.of((e.down_start, e.num_dims, e.rank, e.up_start) for e in self.entries)
 
     @classmethod
     def pack(cls, steers: dict[str, SteerFile], device: torch.device | str = "cpu",
@@ -154,12 +156,12 @@ class SteerBank:
     def warm_up(self, max_rows: int, max_steers: int, hidden_dtype: torch.dtype) -> int:
         """Compile every kernel variant `steer` can launch for 1..max_rows rows of this dtype (on
         CUDA; nothing to compile elsewhere). Returns how many variants ran."""
-        return warm_up(self.down, self.up, self.cols, self.max_dims, max_rows, max_steers, hidden_dtype)
+        return warm_up(self.down, self.up, self.cols, self.max_dims, max_rows, max_steers, hidden_dtype, self.layout)
 
     def steer(self, hidden: torch.Tensor, row_steer: torch.Tensor, row_values: torch.Tensor) -> torch.Tensor:
         """Every row of `hidden` [B, D] steered by the steers it names: row_steer [B, S] (bank
         indices, -1 none) with row_values [B, S, max_dims] (eps folded in). The bank on its device."""
-        return steer_hidden_gather(hidden, self.down, self.up, self.cols, row_steer, row_values)
+        return steer_hidden_gather(hidden, self.down, self.up, self.cols, row_steer, row_values, self.layout)
 
 
 def _stored_block(down: torch.Tensor, up: torch.Tensor, k: int, r: int,
