@@ -1,5 +1,7 @@
-"""The Triton steer kernel (and the torch op) against a float64 reference of the formula,
-computed here independently: h + ((h @ down) * values[:, col_dim]) @ up.
+"""The Triton gather steer kernel (and the torch op) against a float64 reference of the formula,
+computed here independently, row by row and slot by slot:
+
+    h'_b = h_b + sum_s sum_k row_values[b, s, k] * (h_b @ P1_k(n)) @ P2_k(n)^T,  n = row_steer[b, s]
 
 Without CUDA the kernels run in Triton's CPU interpreter (a correctness check, meaningless for
 speed); on a CUDA device (benchmarks/gpu_check.sh) the same tests run the compiled kernels.
@@ -7,6 +9,9 @@ Imports `vllm_steer.kernels`: installed, or from a raw checkout through the syml
 that gpu_check.sh builds (torch, safetensors and Triton only). pytest is optional:
 `python tests/test_kernel_triton.py` runs every case without it. tests/test_kernel_compile.py
 compiles every launch listed by `launch_cases()` below for sm_90 and sm_80.
+
+Every case NaN-poisons the weights of the loaded steers no row names and the row_values entries
+the kernel must not read (slots naming no steer, dims past a steer's K): none may reach the output.
 """
 
 from __future__ import annotations
@@ -38,31 +43,43 @@ else:
     import triton  # noqa: F401
 
 from vllm_steer.kernels import steer_triton  # noqa: E402
-from vllm_steer.kernels.steer_torch import steer_hidden_torch  # noqa: E402
+from vllm_steer.kernels.layout import GatherLayout  # noqa: E402
+from vllm_steer.kernels.steer_torch import steer_hidden_gather_torch  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1" and type(steer_triton._shrink_kernel).__name__ != "InterpretedFunction":
+if os.environ.get("TRITON_INTERPRET") == "1" and type(steer_triton._gshrink_kernel).__name__ != "InterpretedFunction":
     steer_triton = importlib.reload(steer_triton)  # imported earlier without the interpreter
 if _SET_INTERPRET:
     del os.environ["TRITON_INTERPRET"]
 
-steer_hidden_triton = steer_triton.steer_hidden_triton
+gather_triton = steer_triton.steer_hidden_gather_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Tolerance: |out - ref| <= RTOL * |ref| + MTOL * mag, elementwise, where ref is the float64
-# result and mag = |h| + ((|h| @ |down|) * |values|) @ |up| bounds every partial sum.
+# result and mag = |h| + sum_s,k |v| (|h| @ |P1_k|) @ |P2_k^T| bounds every partial sum.
 # RTOL is the output dtype's rounding: round-to-nearest costs at most half a unit in the last
 # place, i.e. 2^-8 relative for bf16, 2^-11 for fp16, 2^-24 for fp32 (fp16/fp32 doubled for
 # slack). Triton's CPU interpreter truncates fp32 -> bf16 instead of rounding (a limitation of
 # the interpreter, not of the kernel: compiled casts round to nearest even), so interpreted
 # bf16 gets a full unit, 2^-7. MTOL covers fp32 accumulation over at most a few hundred terms
-# (n * 2^-24 ~ 2e-5 worst case, ~1e-6 typical) and, for bf16 weights, the kernel's hi+lo bf16
-# split of the fp32 intermediate (~2^-16 relative).
+# (n * 2^-24 ~ 2e-5 worst case, ~1e-6 typical), the tf32 hi/lo splits (~2^-19) and, for bf16
+# weights, the kernel's hi+lo bf16 split of the fp32 intermediate (~2^-16 relative).
 # The deltas are O(1) like h (see _inputs), so any real mistake in the delta is O(1) off.
 _BF16_RTOL = 2.0**-7 if os.environ.get("TRITON_INTERPRET") == "1" or _SET_INTERPRET else 2.0**-8
 TOL = {torch.float32: (2.0**-23, 1e-5), torch.bfloat16: (_BF16_RTOL, 1e-4), torch.float16: (2.0**-10, 1e-4)}
 # (hidden dtype, weight dtype): the model's dtype with weights in it, and fp32 weights.
 DTYPES = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
           (torch.bfloat16, torch.float32)]
+
+# Banks: (rank r, dims K) per steer, side by side as SteerBank packs them.
+BANKS = {
+    # ranks 1, 3, 64 (and 5): the columns of most steers start unaligned (COL_ALIGN 1)
+    "mixed_ranks": [(1, 1), (3, 2), (64, 2), (5, 3), (3, 1)],
+    # every start a multiple of 16 columns (COL_ALIGN 8 for bf16, 4 for fp32): vector loads
+    "aligned": [(64, 2), (16, 1), (32, 2), (64, 2), (8, 2)],
+    # many small steers: rows on distinct steers
+    "many": [(r, k) for r, k in zip([1, 3, 2, 8, 1, 4, 3, 16, 2, 1, 5, 8], [1, 2, 3, 1, 2, 1, 2, 2, 1, 3, 1, 2],
+                                    strict=True)],
+}
 
 
 if pytest is not None:
@@ -89,123 +106,204 @@ def _name(dt: torch.dtype) -> str:
     return str(dt).removeprefix("torch.")
 
 
-def reference(h, down, up, col_dim, values) -> torch.Tensor:
-    """The formula in float64 (not via steer_hidden_torch)."""
-    h64 = h.double()
-    coef = values.double()[:, col_dim.long()]
-    return h64 + ((h64 @ down.double()) * coef) @ up.double()
+def bank_cols(steers: list[tuple[int, int]]) -> tuple[list[list[int]], int, int]:
+    """The cols rows (down_start, K, r, up_start) of steers packed side by side, and (C, U)."""
+    rows, start = [], 0
+    for r, k in steers:
+        rows.append([start, k, r, start])
+        start += k * r
+    return rows, start, start
 
 
-def _magnitude(h, down, up, col_dim, values) -> torch.Tensor:
-    h64 = h.double().abs()
-    coef = values.double().abs()[:, col_dim.long()]
-    return h64 + ((h64 @ down.double().abs()) * coef) @ up.double().abs()
+def _row_steer(mix: str, b: int, s: int, n: int, g: torch.Generator) -> torch.Tensor:
+    """[B, S] bank indices, -1 none. distinct: row i on steer i mod N (slot 0); shared: every row
+    on one steer; composed: every row several steers (slot 1 repeating slot 0 in row 0, a free
+    slot here and there); mixed: random, about a third of the slots free and every third row
+    unsteered; none: nothing steered."""
+    rs = torch.full((b, s), -1, dtype=torch.int64)
+    if mix == "distinct":
+        rs[:, 0] = torch.arange(b) % n
+    elif mix == "shared":
+        rs[:, 0] = n // 2
+    elif mix == "composed":
+        rs[:] = torch.randint(0, n, (b, s), generator=g)
+        if s >= 2:
+            rs[0, 1] = rs[0, 0]  # the same steer twice in one row
+        if s >= 3:
+            rs[1::3, 2] = -1
+    elif mix == "mixed":
+        rs[:] = torch.randint(0, n, (b, s), generator=g)
+        rs[torch.rand(b, s, generator=g) < 1 / 3] = -1
+        rs[2::3] = -1
+        if b >= 2:
+            rs[0, 0] = 0
+    elif mix != "none":
+        raise ValueError(mix)
+    return rs
 
 
-def _inputs(b: int, d: int, r: int, k: int, dtype: torch.dtype, wdtype: torch.dtype, seed: int,
-            zero_rows: list[int] | None = None):
-    """Fresh random inputs (never zeros), scaled so that the delta is about as large as h.
-    About a third of the rows are unsteered (all-zero values); among the steered rows some
-    dims are zero. `zero_rows` overrides which rows are unsteered."""
+def _inputs(mix: str, b: int, s: int, d: int, bank: str, dtype: torch.dtype, wdtype: torch.dtype, seed: int):
+    """(hidden, down, up, cols, row_steer, row_values) on DEVICE, scaled so that a steered row's
+    delta is about as large as h. Poisoned with NaN: the weights of steers no row names, the
+    values of free slots and of dims past a steer's K. Some dims of steered slots are zero."""
     g = torch.Generator().manual_seed(seed)
+    steers = BANKS[bank]
+    rows, c, u = bank_cols(steers)
+    n = len(steers)
     h = torch.randn(b, d, generator=g)
-    down = torch.randn(d, r, generator=g) / d**0.5
-    down[:, 0] += h.sum(0) / (d * b**0.5)  # h_b . down[:, 0] ~ 1, not left to chance (matters for R=1)
-    up = torch.randn(r, d, generator=g) / r**0.5
-    col_dim = torch.randint(0, k, (r,), generator=g)
-    col_dim[0] = 0  # dim 0 has a column and is never switched off: steered rows really move
-    col_dim = torch.sort(col_dim).values
-    values = torch.randn(b, k, generator=g) + torch.sign(torch.randn(b, k, generator=g)) * 0.5
-    if k > 1:  # some single dims off in steered rows, never all of them
-        off = torch.rand(b, k, generator=g) < 0.3
-        off[:, 0] = False
-        values[off] = 0.0
-    if zero_rows is None:
-        zero_rows = [i for i in range(b) if torch.rand((), generator=g) < 1 / 3]
-        if b >= 2 and not zero_rows:
-            zero_rows = [b - 1]
-        if b >= 2 and len(zero_rows) == b:
-            zero_rows = zero_rows[1:]
-    values[zero_rows] = 0.0
-    return (h.to(DEVICE, dtype), down.to(DEVICE, wdtype), up.to(DEVICE, wdtype), col_dim.to(DEVICE),
-            values.to(DEVICE))
+    down = torch.randn(d, c, generator=g) / d**0.5
+    up = torch.empty(u, d)
+    for (start, k, r, _), _ in zip(rows, steers, strict=True):
+        up[start:start + k * r] = torch.randn(k * r, d, generator=g) / (r * k * s) ** 0.5
+        # h_b . P1_k[:, 0] ~ 1 for every row, not left to chance (matters for rank 1)
+        down[:, start:start + k * r:r] += (h.sum(0) / (d * b**0.5))[:, None]
+    rs = _row_steer(mix, b, s, n, g)
+    kmax = max(k for _, k in steers)
+    values = torch.randn(b, s, kmax, generator=g) + torch.sign(torch.randn(b, s, kmax, generator=g)) * 0.5
+    values[torch.rand(b, s, kmax, generator=g) < 0.2] = 0.0  # some dims off
+    values[:, :, 0] = torch.where(values[:, :, 0] == 0, 1.0, values[:, :, 0])  # dim 0 never off
+    for n_, (start, k, r, _) in enumerate(rows):
+        values[:, :, k:][rs == n_] = float("nan")  # dims past this steer's K: never read
+        if not (rs == n_).any():  # a loaded steer no row names: never read
+            down[:, start:start + k * r] = float("nan")
+            up[start:start + k * r] = float("nan")
+    values[rs < 0] = float("nan")
+    cols = torch.tensor(rows, dtype=torch.int32)
+    return (h.to(DEVICE, dtype), down.to(DEVICE, wdtype), up.to(DEVICE, wdtype), cols.to(DEVICE),
+            rs.to(DEVICE), values.to(DEVICE))
 
 
-def check(out: torch.Tensor, h, down, up, col_dim, values) -> None:
-    """out against the float64 reference; unsteered rows bit-identical to h."""
+def reference(h, down, up, cols, row_steer, row_values) -> tuple[torch.Tensor, torch.Tensor]:
+    """The formula in float64, one (row, slot) at a time (not via the torch op), and the magnitude
+    bound mag (the same sums over absolute values)."""
+    h64, d64, u64 = h.double().cpu(), down.double().cpu(), up.double().cpu()
+    out, mag = h64.clone(), h64.abs()
+    cols_l, rs, vals = cols.tolist(), row_steer.tolist(), row_values.double().cpu()
+    for b, slots in enumerate(rs):
+        for s, n in enumerate(slots):
+            if n < 0:
+                continue
+            start, k, r, up_start = cols_l[n]
+            for j in range(k):
+                v = vals[b, s, j].item()
+                p1 = d64[:, start + j * r:start + (j + 1) * r]
+                p2 = u64[up_start + j * r:up_start + (j + 1) * r]
+                out[b] += v * ((h64[b] @ p1) @ p2)
+                mag[b] += abs(v) * ((h64[b].abs() @ p1.abs()) @ p2.abs())
+    return out, mag
+
+
+def check(out: torch.Tensor, h, down, up, cols, row_steer, row_values) -> None:
+    """out against the float64 reference; rows naming no steer bit-identical to h."""
     assert out.shape == h.shape and out.dtype == h.dtype
-    assert not torch.isnan(out).any(), "NaN in the output: an element was left unwritten (poisoned)"
-    unsteered = (values == 0).all(dim=1)
+    assert not torch.isnan(out).any(), "NaN in the output: an element left unwritten, or poison read"
+    unsteered = (row_steer < 0).all(dim=1)
     assert torch.equal(out[unsteered], h[unsteered]), "an unsteered row is not bit-identical to its input"
-    ref = reference(h, down, up, col_dim, values)
+    ref, mag = reference(h, down, up, cols, row_steer, row_values)
     rtol, mtol = TOL[h.dtype]
-    bound = rtol * ref.abs() + mtol * _magnitude(h, down, up, col_dim, values)
-    excess = (out.double() - ref).abs() - bound
+    bound = rtol * ref.abs() + mtol * mag
+    excess = (out.double().cpu() - ref).abs() - bound
     assert (excess <= 0).all(), f"error over the bound by up to {excess.max().item():.3g} ({_name(h.dtype)})"
-    if (~unsteered).any():  # the steered rows really moved: the check above was not vacuous
-        moved = (ref[~unsteered] - h[~unsteered].double()).abs().max().item()
-        assert moved > 10 * bound[~unsteered].max().item(), "delta too small for the test to mean anything"
+    steered = ~unsteered.cpu()
+    if steered.any():  # the steered rows really moved: the check above was not vacuous
+        moved = (ref[steered] - h.double().cpu()[steered]).abs().max().item()
+        assert moved > 10 * bound[steered].max().item(), "delta too small for the test to mean anything"
 
 
-# D in {67, 130}, R in {1, 33, 200}, Ktot in {1, 3, 5}, B in {1, 7, 33}: every combination,
-# each with one dtype pair (the pairs rotate so every pair meets every size).
-SHAPES = [(b, d, r, k) for d in (67, 130) for r in (1, 33, 200) for k in (1, 3, 5) for b in (1, 7, 33)]
-MAIN = [(shape, *DTYPES[i % len(DTYPES)], i) for i, shape in enumerate(SHAPES)]
+# (mix, B, S): rows on distinct steers, rows sharing one (70 rows: two chunks of 64), composed
+# rows (2..4 slots, the same steer twice), free slots and unsteered rows, a whole unsteered
+# batch; B = 1 and odd B. Each against two banks at two hidden sizes, the dtype pairs rotating.
+SHAPES = [("distinct", 7, 1), ("distinct", 33, 1), ("distinct", 1, 1), ("shared", 70, 1), ("shared", 5, 2),
+          ("shared", 1, 3), ("composed", 9, 2), ("composed", 6, 4), ("composed", 33, 3), ("composed", 1, 4),
+          ("mixed", 7, 1), ("mixed", 20, 2), ("mixed", 3, 3), ("none", 5, 1), ("none", 4, 3)]
+MAIN = [(shape, bank, d, *DTYPES[(i + j) % len(DTYPES)], 10 * i + j)
+        for i, shape in enumerate(SHAPES) for j, (bank, d) in enumerate([("mixed_ranks", 67), ("aligned", 128)])]
+MAIN += [(("distinct", 12, 1), "many", 48, *DTYPES[i], 500 + i) for i in range(len(DTYPES))]
+MAIN += [(("mixed", 11, 3), "many", 48, *DTYPES[i], 600 + i) for i in range(len(DTYPES))]
 
 
-@_cases(MAIN, [f"B{b}-D{d}-R{r}-K{k}-{_name(dt)}-w{_name(wdt)}" for (b, d, r, k), dt, wdt, _ in MAIN])
-def test_kernel_matches_float64(case):
-    (b, d, r, k), dtype, wdtype, seed = case
-    zero_rows = [] if b == 1 and seed % 2 == 0 else None  # B=1: steered or not, alternately
-    args = _inputs(b, d, r, k, dtype, wdtype, seed=seed, zero_rows=zero_rows)
+def _main_id(case) -> str:
+    (mix, b, s), bank, d, dt, wdt, _ = case
+    return f"{mix}-B{b}-S{s}-{bank}-D{d}-{_name(dt)}-w{_name(wdt)}"
+
+
+@_cases(MAIN, [_main_id(c) for c in MAIN])
+def test_gather_matches_float64(case):
+    (mix, b, s), bank, d, dtype, wdtype, seed = case
+    args = _inputs(mix, b, s, d, bank, dtype, wdtype, seed)
     out = torch.full_like(args[0], float("nan"))  # poisoned: every element must be written
-    res = steer_hidden_triton(*args, out=out)
+    res = gather_triton(*args, out=out)
     assert res is out
     check(out, *args)
-    fresh = steer_hidden_triton(*args)  # without `out`, and run-to-run bit-identical
-    assert torch.equal(fresh, out)
+    fresh = gather_triton(*args, layout=GatherLayout.of(args[3].tolist()))  # run to run bit-identical
+    assert torch.equal(fresh, out), "not deterministic"
 
 
-# Explicit launch configs, to cover what the size heuristics rarely pick at these sizes: splits
-# over D (2, 3, 5 partial buffers, an empty trailing split), splits over R (the third launch),
-# 16-, 32- and 64-row blocks, narrow and wide D blocks, explicit stage counts.
+# Explicit launch configs, to cover what the heuristic rarely picks at these sizes: splits over D
+# (2, 3, 5, 8 partials, empty trailing splits), 16-, 32- and 64-pair chunks, narrow and wide
+# tiles, explicit stage counts, one program per SM (each program walks many work items).
 C = steer_triton._Config
 CONFIGS = [
-    ((7, 130, 200, 3), C(16, 64, 32, 3, 32, 64, split_r=2)),
-    ((33, 130, 200, 5), C(32, 32, 16, 5, 16, 32, split_r=3, shrink_stages=2, expand_stages=4)),
-    ((33, 67, 33, 2), C(64, 64, 32, 2, 128, 16, split_r=2)),
-    ((70, 96, 75, 4), C(64, 32, 32, 3, 64, 16)),
-    ((5, 200, 150, 2), C(16, 32, 16, 16, 16, 16, split_r=10, expand_warps=2)),  # empty D splits, 10 partials
+    (("composed", 9, 2, "mixed_ranks", 67), C(16, 16, 16, 3, 32, 16, programs_per_sm=1)),
+    (("mixed", 20, 2, "aligned", 128), C(32, 32, 32, 2, 64, 32, shrink_stages=2, expand_stages=4)),
+    (("shared", 70, 1, "aligned", 128), C(64, 64, 16, 5, 16, 16, programs_per_sm=1)),
+    (("distinct", 12, 1, "many", 48), C(16, 32, 32, 8, 128, 64, programs_per_sm=1)),  # splits 2..7 empty
+    (("composed", 33, 3, "mixed_ranks", 67), C(64, 128, 32, 1, 128, 64, shrink_warps=8, expand_warps=8)),
 ]
 FORCED = [(shape, cfg, dt, wdt) for shape, cfg in CONFIGS for dt, wdt in (DTYPES[0], DTYPES[1])]
 
 
-@_cases(FORCED, [f"B{s[0]}-D{s[1]}-R{s[2]}-K{s[3]}-split{c.split_k}x{c.split_r}-{_name(dt)}" for s, c, dt, _ in FORCED])
+@_cases(FORCED, [f"{s[0]}-B{s[1]}-S{s[2]}-{s[3]}-split{c.split_k}-m{c.block_m}-{_name(dt)}" for s, c, dt, _ in FORCED])
 def test_forced_configs(case):
-    shape, cfg, dtype, wdtype = case
-    args = _inputs(*shape, dtype, wdtype, seed=100 + sum(shape))
+    (mix, b, s, bank, d), cfg, dtype, wdtype = case
+    args = _inputs(mix, b, s, d, bank, dtype, wdtype, seed=100 + b + s + d)
     out = torch.full_like(args[0], float("nan"))
-    steer_triton._launch(*args, out=out, cfg=cfg)
+    gather_triton(*args, out=out, cfg=cfg)
     check(out, *args)
     again = torch.full_like(out, float("nan"))
-    steer_triton._launch(*args, out=again, cfg=cfg)
+    gather_triton(*args, out=again, cfg=cfg)
     assert torch.equal(again, out), "not deterministic"
+
+
+def meta_inputs(layout: dict):
+    """Meta tensors (shapes, dtypes, strides and alignment without memory) for a launch_cases()
+    layout: (hidden, down, up, cols, row_steer, row_values, out, GatherLayout)."""
+    b, s, d, steers = layout["b"], layout["s"], layout["d"], BANKS[layout["bank"]]
+    dt, wdt = layout["dtype"], layout["wdtype"]
+    rows, c, u = bank_cols(steers)
+    kmax = max(k for _, k in steers)
+    if layout.get("h_pad"):
+        hidden = torch.empty(b, d + layout["h_pad"], dtype=dt, device="meta")[:, layout["h_off"]:layout["h_off"] + d]
+    else:
+        hidden = torch.empty(b, d, dtype=dt, device="meta")
+    if layout.get("v_pad"):
+        values = torch.empty(b, s, kmax + layout["v_pad"], device="meta")[:, :, layout["v_off"]:layout["v_off"] + kmax]
+    else:
+        values = torch.empty(b, s, kmax, device="meta")
+    rs_dtype = torch.int64 if layout.get("rs64") else torch.int32
+    row_steer = torch.empty(b, 2 * s, dtype=rs_dtype, device="meta")[:, ::2] if layout.get("rs_strided") \
+        else torch.empty(b, s, dtype=rs_dtype, device="meta")
+    down = torch.empty(d, c, dtype=wdt, device="meta")
+    up = torch.empty(u, d, dtype=wdt, device="meta")
+    cols = torch.empty(len(rows), 4, dtype=torch.int32, device="meta")
+    out = hidden if layout.get("in_place") else torch.empty(b, d, dtype=dt, device="meta")
+    return hidden, down, up, cols, row_steer, values, out, GatherLayout.of(rows)
 
 
 def test_explicit_stages_are_used_as_given():
     """An explicit stage count reaches Triton unchanged (it refuses one that does not fit, rather
-    than the launcher quietly cutting it back); None means the per-target automatic depth."""
-    h, down, up, col_dim, values = (torch.empty(s, dtype=dt, device="meta") for s, dt in
-                                    [((8, 4096), torch.bfloat16), ((4096, 4096), torch.bfloat16),
-                                     ((4096, 4096), torch.bfloat16), ((4096,), torch.int64),
-                                     ((8, 2), torch.float32)])
+    than the launcher quietly cutting it back); None means the per-target automatic depth, which
+    pipelines the default configs at the GPU targets' sizes."""
     target = steer_triton.TARGETS["sm_90"]
-    cfg = steer_triton._pick_config(8, 4096, 4096, target)
-    auto = steer_triton._plan(h, down, up, col_dim, values, h, cfg, target, False)
-    assert all(launch.kwargs["num_stages"] >= 3 for launch in auto[:2]), "the default config is not pipelined"
+    layout = dict(b=256, s=1, d=4096, bank="aligned", dtype=torch.bfloat16, wdtype=torch.bfloat16)
+    hidden, down, up, cols, rs, values, out, lay = meta_inputs(layout)
+    cfg = steer_triton._default_config(hidden, down, rs, lay, target)
+    auto = steer_triton._plan(hidden, down, up, cols, rs, values, out, lay, cfg, target, False)
+    assert [launch.kernel for launch in auto[1:3]] == [steer_triton._gshrink_kernel, steer_triton._gexpand_kernel]
+    assert all(launch.kwargs["num_stages"] >= 3 for launch in auto[1:3]), "the default config is not pipelined"
     forced = C(**{**cfg.__dict__, "shrink_stages": 9, "expand_stages": 8})
-    plan = steer_triton._plan(h, down, up, col_dim, values, h, forced, target, False)
-    assert [launch.kwargs["num_stages"] for launch in plan[:2]] == [9, 8]
+    plan = steer_triton._plan(hidden, down, up, cols, rs, values, out, lay, forced, target, False)
+    assert [launch.kwargs["num_stages"] for launch in plan[1:3]] == [9, 8]
 
 
 def test_explicit_config_that_does_not_fit_is_refused():
@@ -215,137 +313,162 @@ def test_explicit_config_that_does_not_fit_is_refused():
         if pytest is not None:
             pytest.skip("needs a GPU: the interpreter has no shared-memory limit")
         return
-    args = _inputs(70, 512, 512, 2, torch.bfloat16, torch.bfloat16, seed=9)
+    args = _inputs("mixed", 70, 1, 512, "aligned", torch.bfloat16, torch.bfloat16, seed=9)
     too_big = C(64, 128, 256, 1, 256, 128, shrink_stages=12, expand_stages=12)
     try:
-        steer_triton._launch(*args, out=torch.empty_like(args[0]), cfg=too_big)
+        gather_triton(*args, cfg=too_big)
+        torch.cuda.synchronize()
     except Exception as exc:  # triton.runtime.errors.OutOfResources
         assert "resource" in f"{type(exc).__name__} {exc}".lower(), exc
     else:
         raise AssertionError("a config needing more shared memory than the GPU has was launched")
 
 
-TORCH_CASES = [((7, 130, 200, 3), torch.float32), ((33, 67, 33, 5), torch.float32),
-               ((7, 130, 200, 3), torch.bfloat16), ((1, 67, 1, 1), torch.float16)]
+TORCH_CASES = [(("composed", 6, 4), "mixed_ranks", 67, torch.float32), (("mixed", 7, 1), "aligned", 128, torch.float32),
+               (("mixed", 20, 2), "many", 48, torch.bfloat16), (("distinct", 1, 1), "many", 48, torch.float16)]
 
 
-@_cases(TORCH_CASES, [f"B{s[0]}-D{s[1]}-R{s[2]}-K{s[3]}-{_name(dt)}" for s, dt in TORCH_CASES])
+@_cases(TORCH_CASES, [f"{m}-B{b}-S{s}-{bank}-{_name(dt)}" for (m, b, s), bank, _, dt in TORCH_CASES])
 def test_torch_op_matches_float64(case):
-    shape, dtype = case
-    args = _inputs(*shape, dtype, torch.float32, seed=200 + sum(shape))
-    check(steer_hidden_torch(*args), *args)
+    (mix, b, s), bank, d, dtype = case
+    args = _inputs(mix, b, s, d, bank, dtype, torch.float32, seed=200 + b + s)
+    check(steer_hidden_gather_torch(*args), *args)
 
 
-def test_all_rows_unsteered_are_copies():
-    """Nothing steered: the output is the input bit for bit, even for -0.0 and inf in h and
-    NaN in the weights (h + 0 would turn -0.0 into +0.0, and 0 * NaN is NaN)."""
+def test_unsteered_rows_are_copies():
+    """Rows naming no steer come back bit for bit, even -0.0 and inf in h and NaN in the weights
+    of the steer other rows use (h + 0 would turn -0.0 into +0.0, and 0 * NaN is NaN)."""
     for dtype, wdtype in DTYPES[:2]:
-        h, down, up, col_dim, values = _inputs(9, 50, 20, 2, dtype, wdtype, seed=3, zero_rows=list(range(9)))
-        h[0, :3] = torch.tensor([-0.0, float("inf"), float("-inf")])
-        up[5, :] = float("nan")
-        out = torch.full_like(h, float("nan"))
-        steer_hidden_triton(h, down, up, col_dim, values, out=out)
-        assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
-                           h.view(torch.int16 if dtype != torch.float32 else torch.int32))
-
-
-def test_unused_steer_skipped_and_correct():
-    """Two steers loaded (dims 0-1 and 2), the batch only uses the first: the columns of the
-    second are skipped tile by tile and the result is still the formula's."""
-    h, down, up, _, values = _inputs(5, 96, 192, 3, torch.float32, torch.float32, seed=7, zero_rows=[2])
-    col_dim = torch.tensor([0] * 64 + [1] * 64 + [2] * 64, device=DEVICE)
-    values[:, 2] = 0.0
-    out = torch.full_like(h, float("nan"))
-    steer_triton._launch(h, down, up, col_dim, values, out=out, cfg=C(16, 64, 32, 1, 32, 64))
-    check(out, h, down, up, col_dim, values)
-    out_split = torch.full_like(h, float("nan"))  # split over R: the skip in a range that starts mid-way
-    steer_triton._launch(h, down, up, col_dim, values, out=out_split, cfg=C(16, 32, 32, 2, 32, 32, split_r=3))
-    check(out_split, h, down, up, col_dim, values)
+        for mix in ("none", "mixed"):
+            h, down, up, cols, rs, values = _inputs(mix, 9, 2, 50, "aligned", dtype, wdtype, seed=3)
+            h[2, :3] = torch.tensor([-0.0, float("inf"), float("-inf")])
+            up[5, :] = float("nan")  # steer 0's first up row: only rows naming steer 0 may be NaN
+            out = torch.full_like(h, float("nan"))
+            gather_triton(h, down, up, cols, rs, values, out=out)
+            free = (rs < 0).all(dim=1)
+            bits = torch.int16 if dtype != torch.float32 else torch.int32
+            assert bool(free[2])
+            assert torch.equal(out[free].view(bits), h[free].view(bits))
+            assert not torch.isnan(out[~(rs == 0).any(dim=1)]).any()
 
 
 def test_strided_inputs_and_in_place():
-    """Views as vLLM may hand them over: h a column slice of a wider buffer, values a slice of
-    a wider table, col_dim int32; then out=hidden in place gives the same bits."""
-    b, d, r, k = 7, 67, 33, 3
-    h, down, up, col_dim, values = _inputs(b, d, r, k, torch.bfloat16, torch.bfloat16, seed=11)
+    """Views as vLLM may hand them over: h a column slice of a wider buffer, row_values a slice of
+    a wider table, row_steer int64 and strided; then out=hidden in place gives the same bits."""
+    b, s, d = 7, 2, 67
+    h, down, up, cols, rs, values = _inputs("mixed", b, s, d, "mixed_ranks", torch.bfloat16, torch.bfloat16, seed=11)
     wide = torch.randn(b, d + 9, device=DEVICE).to(torch.bfloat16)
     wide[:, 4:4 + d] = h
     h_view = wide[:, 4:4 + d]
-    table = torch.randn(b, k + 2, device=DEVICE)
-    table[:, 1:1 + k] = values
-    v_view = table[:, 1:1 + k]
+    kmax = values.shape[2]
+    table = torch.randn(b, s, kmax + 2, device=DEVICE)
+    table[:, :, 1:1 + kmax] = values
+    v_view = table[:, :, 1:1 + kmax]
+    rs_wide = torch.full((b, 2 * s), 3, dtype=torch.int64, device=DEVICE)
+    rs_wide[:, ::2] = rs
+    rs_view = rs_wide[:, ::2]
     before = wide.clone()
-    out = steer_hidden_triton(h_view, down, up, col_dim.to(torch.int32), v_view)
-    check(out, h, down, up, col_dim, values)
-    steer_hidden_triton(h_view, down, up, col_dim, v_view, out=h_view)
+    out = gather_triton(h_view, down, up, cols, rs_view, v_view)
+    check(out, h, down, up, cols, rs, values)
+    gather_triton(h_view, down, up, cols, rs_view.to(torch.int32), v_view, out=h_view)
     assert torch.equal(h_view, out)
     assert torch.equal(wide[:, :4], before[:, :4]) and torch.equal(wide[:, 4 + d:], before[:, 4 + d:])
 
 
-def test_row_values_gathered_through_slots():
-    """Model Runner V2 gathers each row's values from a slot table (-1 = the zero row)."""
-    h, down, up, col_dim, table = _inputs(6, 48, 40, 3, torch.float32, torch.float32, seed=4, zero_rows=[])
-    table = torch.cat([table, torch.zeros(1, 3, device=DEVICE)])
-    slots = torch.tensor([2, 0, -1, 5, 1, -1], device=DEVICE)
-    values = table[slots]
-    check(steer_hidden_triton(h, down, up, col_dim, values), h, down, up, col_dim, values)
-
-
-WARM_D, WARM_R, WARM_K, WARM_MAX_BATCH = 40, 24, 2, 40
+WARM = dict(d=40, bank="mixed_ranks", max_batch=40, max_steers=3)
 
 
 def test_warm_up_launches_every_variant():
-    """warm_up compiles (launches) each distinct variant the heuristic picks for batches 1..40 once:
-    the count equals the distinct launch keys of the configs, computed here one batch at a time."""
+    """warm_up compiles (launches) each distinct variant the heuristic picks for batches 1..40 with
+    1..3 slots once: the count equals the distinct launch keys, computed here one (B, S) at a time."""
+    steers = BANKS[WARM["bank"]]
+    rows, c, u = bank_cols(steers)
+    lay = GatherLayout.of(rows)
+    kmax = max(k for _, k in steers)
     target = steer_triton._target_for(torch.empty(1, device=DEVICE))
+    down, up = torch.zeros(WARM["d"], c, device=DEVICE), torch.zeros(u, WARM["d"], device=DEVICE)
+    cols = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
     expected: set[tuple] = set()
-    for b in range(1, WARM_MAX_BATCH + 1):
-        h = torch.empty(b, WARM_D, device="meta")
-        down = torch.empty(WARM_D, WARM_R, device="meta")
-        cfg = steer_triton._pick_config(b, WARM_D, WARM_R, target, 4, 4)
-        plan = steer_triton._plan(h, down, down.T, torch.empty(WARM_R, dtype=torch.int64, device="meta"),
-                                  torch.empty(b, WARM_K, device="meta"), h, cfg, target, False)
-        expected.update(launch.key for launch in plan)
-    assert len(expected) > 3, "the sizes should make the heuristic pick several variants"
-    count = steer_triton.warm_up(WARM_D, WARM_R, WARM_K, torch.float32, torch.float32, WARM_MAX_BATCH, DEVICE)
+    for s in range(1, WARM["max_steers"] + 1):
+        for b in range(1, WARM["max_batch"] + 1):
+            layout = dict(b=b, s=s, d=WARM["d"], bank=WARM["bank"], dtype=torch.float32, wdtype=torch.float32)
+            hidden, mdown, mup, mcols, rs, values, out, _ = meta_inputs(layout)
+            cfg = steer_triton._default_config(hidden, mdown, rs, lay, target)
+            expected.update(launch.key for launch in
+                            steer_triton._plan(hidden, mdown, mup, mcols, rs, values, out, lay, cfg, target, False))
+    assert len(expected) > 5, "the sizes should make the heuristic pick several variants"
+    count = steer_triton.warm_up(down, up, cols, kmax, WARM["max_batch"], WARM["max_steers"], torch.float32)
     assert count == len(expected)
-    assert steer_triton.variant_keys(WARM_D, WARM_R, WARM_K, torch.float32, torch.float32, WARM_MAX_BATCH,
+    assert steer_triton.variant_keys(down, up, cols, kmax, WARM["max_batch"], WARM["max_steers"], torch.float32,
                                      target) == expected
 
 
-def test_degenerate_sizes():
-    h, down, up, col_dim, values = _inputs(3, 20, 16, 2, torch.float32, torch.float32, seed=5)
-    empty = steer_hidden_triton(h[:0], down, up, col_dim, values[:0])
-    assert empty.shape == (0, 20)
-    no_cols = steer_hidden_triton(h, down[:, :0], up[:0], col_dim[:0], values)
-    assert torch.equal(no_cols, h)
+def test_degenerate_sizes_and_refusals():
+    h, down, up, cols, rs, values = _inputs("mixed", 3, 2, 20, "many", torch.float32, torch.float32, seed=5)
+    assert gather_triton(h[:0], down, up, cols, rs[:0], values[:0]).shape == (0, 20)
+    assert torch.equal(gather_triton(h, down, up, cols, rs[:, :0], values[:, :0]), h)
+    dense = cols.clone()
+    dense[1, 3] = -1
+    try:
+        gather_triton(h, down, up, dense, rs, values)
+    except ValueError as exc:
+        assert "dense" in str(exc)
+    else:
+        raise AssertionError("a dense bank was accepted")
+
+
+def test_cuda_graph_replay_with_new_rows():
+    """Captured once, replayed with other steers and values copied into the same buffers: the same
+    bits as eager calls (fixed grids, no host synchronisation). GPU only."""
+    if DEVICE != "cuda":
+        if pytest is not None:
+            pytest.skip("needs a GPU")
+        return
+    h, down, up, cols, rs, values = _inputs("mixed", 33, 2, 128, "aligned", torch.bfloat16, torch.bfloat16, seed=21)
+    down.nan_to_num_()  # the replays name steers the first rows did not: no poison here
+    up.nan_to_num_()
+    lay = GatherLayout.of(cols.tolist())
+    out = torch.empty_like(h)
+    gather_triton(h, down, up, cols, rs, values, out=out, layout=lay)  # compiled before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        gather_triton(h, down, up, cols, rs, values, out=out, layout=lay)
+    for seed in (22, 23, 24):
+        _, _, _, _, rs2, values2 = _inputs(("composed", "distinct", "none")[seed - 22], 33, 2, 128, "aligned",
+                                           torch.bfloat16, torch.bfloat16, seed=seed)
+        rs.copy_(rs2)
+        values.copy_(torch.nan_to_num(values2))
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, gather_triton(h, down, up, cols, rs, values, layout=lay))
 
 
 def launch_cases() -> list[tuple[str, dict, steer_triton._Config | None]]:
-    """Every kernel call this module makes on a GPU, as (label, layout, explicit config or None
-    for the heuristic's), for tests/test_kernel_compile.py to compile for sm_90 and sm_80. layout:
-    b, d, r, k, dtype, wdtype, and for views: h_pad (extra columns of the buffer h is a column
-    slice of), h_off (its first column), v_pad/v_off (the same for row_values), col32 (int32
-    col_dim), in_place (out=hidden)."""
+    """Every kernel call this module makes on a GPU, as (label, layout, explicit config or None for
+    the heuristic's), for tests/test_kernel_compile.py to compile for sm_90 and sm_80 (see
+    `meta_inputs` for the layout's keys)."""
     cases: list[tuple[str, dict, steer_triton._Config | None]] = []
-    for (b, d, r, k), dt, wdt, _ in MAIN:
-        cases.append(("matches_float64", dict(b=b, d=d, r=r, k=k, dtype=dt, wdtype=wdt), None))
-    for shape, cfg, dt, wdt in FORCED:
-        cases.append(("forced_configs", dict(zip("bdrk", shape, strict=True), dtype=dt, wdtype=wdt), cfg))
+    for (_, b, s), bank, d, dt, wdt, _ in MAIN:
+        cases.append(("matches_float64", dict(b=b, s=s, d=d, bank=bank, dtype=dt, wdtype=wdt, rs64=True), None))
+    for (_, b, s, bank, d), cfg, dt, wdt in FORCED:
+        cases.append(("forced_configs", dict(b=b, s=s, d=d, bank=bank, dtype=dt, wdtype=wdt, rs64=True), cfg))
     for dt, wdt in DTYPES[:2]:
-        cases.append(("all_rows_unsteered", dict(b=9, d=50, r=20, k=2, dtype=dt, wdtype=wdt), None))
-    f32 = dict(dtype=torch.float32, wdtype=torch.float32)
-    cases.append(("unused_steer", dict(b=5, d=96, r=192, k=3, **f32), C(16, 64, 32, 1, 32, 64)))
-    cases.append(("unused_steer", dict(b=5, d=96, r=192, k=3, **f32), C(16, 32, 32, 2, 32, 32, split_r=3)))
-    strided = dict(b=7, d=67, r=33, k=3, dtype=torch.bfloat16, wdtype=torch.bfloat16,
-                   h_pad=9, h_off=4, v_pad=2, v_off=1)
-    cases.append(("strided", {**strided, "col32": True}, None))
+        cases.append(("unsteered_rows", dict(b=9, s=2, d=50, bank="aligned", dtype=dt, wdtype=wdt, rs64=True), None))
+    strided = dict(b=7, s=2, d=67, bank="mixed_ranks", dtype=torch.bfloat16, wdtype=torch.bfloat16, h_pad=9, h_off=4,
+                   v_pad=2, v_off=1)
+    cases.append(("strided", {**strided, "rs64": True, "rs_strided": True}, None))
     cases.append(("strided_in_place", {**strided, "in_place": True}, None))
-    cases.append(("gathered_values", dict(b=6, d=48, r=40, k=3, **f32), None))
-    for b in range(1, WARM_MAX_BATCH + 1):
-        cases.append(("warm_up", dict(b=b, d=WARM_D, r=WARM_R, k=WARM_K, **f32), None))
-    cases.append(("does_not_fit", dict(b=70, d=512, r=512, k=2, dtype=torch.bfloat16, wdtype=torch.bfloat16),
-                  C(64, 128, 256, 1, 256, 128, shrink_stages=12, expand_stages=12)))
+    for s in range(1, WARM["max_steers"] + 1):
+        for b in range(1, WARM["max_batch"] + 1):
+            cases.append(("warm_up", dict(b=b, s=s, d=WARM["d"], bank=WARM["bank"], dtype=torch.float32,
+                                          wdtype=torch.float32), None))
+    cases.append(("degenerate", dict(b=3, s=2, d=20, bank="many", dtype=torch.float32, wdtype=torch.float32,
+                                     rs64=True), None))
+    cases.append(("cuda_graph", dict(b=33, s=2, d=128, bank="aligned", dtype=torch.bfloat16, wdtype=torch.bfloat16,
+                                     rs64=True), None))
+    cases.append(("does_not_fit", dict(b=70, s=1, d=512, bank="aligned", dtype=torch.bfloat16, wdtype=torch.bfloat16,
+                                       rs64=True), C(64, 128, 256, 1, 256, 128, shrink_stages=12, expand_stages=12)))
     return cases
 
 
