@@ -236,8 +236,13 @@ def _gshrink_kernel(
                                                                     stride_cn, BLOCK_M)
         down_start = (down_start // COL_ALIGN) * COL_ALIGN  # a no-op that tells Triton the alignment
         kr16 = (kr + 15) // 16 * 16
+        # The weight loads run to K*r rounded up to COL_ALIGN (within `down`: COL_ALIGN divides its
+        # width and every start), so that the mask is constant over COL_ALIGN columns and the rows
+        # load in vectors; the extra columns only reach coef columns that are stored as zeros.
+        kr_a = (kr + COL_ALIGN - 1) // COL_ALIGN * COL_ALIGN
         cols = tile * BLOCK_C + offs_c
         cmask = cols < kr
+        wmask = cols < kr_a
         cols64 = (down_start + cols).to(tl.int64)
         live = tl.minimum(tl.maximum(kr - tile * BLOCK_C, 0), 1)  # 0: the tile is past the steer's columns
         d_begin = split * k_tiles_per_split * BLOCK_K
@@ -251,7 +256,7 @@ def _gshrink_kernel(
             h = tl.load(h_ptr + rows[:, None] * stride_hb + ks64[None, :] * stride_hd,
                         mask=pmask[:, None] & kmask[None, :], other=0.0)
             w = tl.load(down_ptr + ks64[:, None] * stride_dd + cols64[None, :] * stride_dc,
-                        mask=kmask[:, None] & cmask[None, :], other=0.0)
+                        mask=kmask[:, None] & wmask[None, :], other=0.0)
             acc = _mma(h, w, acc, NATIVE, A_SPLIT, B_SPLIT, UPCAST)
         dims = (cols // tl.maximum(rank, 1)).to(tl.int64)
         scale = tl.load(vals_ptr + rows[:, None] * stride_vb + slots[:, None] * stride_vs + dims[None, :] * stride_vk,
@@ -268,11 +273,11 @@ def _gexpand_kernel(
     stride_hb, stride_hd, stride_ur, stride_ud, stride_cn, stride_rb, stride_rs, stride_cs, stride_cp,
     stride_ob, stride_od, stride_ys, stride_yb,
     SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
-    HILO: tl.constexpr, B_SPLIT: tl.constexpr, UPCAST: tl.constexpr,
+    HILO: tl.constexpr, B_SPLIT: tl.constexpr, UPCAST: tl.constexpr, MULTI: tl.constexpr,
 ):
     """Work item (chunk, D tile): acc = sum_splits(coef)[pairs, :K*r] @ up[up_start:up_start + K*r,
     D tile]. Rows naming exactly one steer are finished here (out = h + acc); the pairs of rows
-    naming several write acc to ypart[slot, row] for the finalize."""
+    naming several write acc to ypart[slot, row] for the finalize (MULTI: S > 1, else no row can)."""
     n_items = tl.load(count_ptr) * n_dtiles
     offs_r = tl.arange(0, BLOCK_R)
     offs_d = tl.arange(0, BLOCK_D)
@@ -309,8 +314,9 @@ def _gexpand_kernel(
         h = tl.load(h_ptr + rows[:, None] * stride_hb + dcols64[None, :] * stride_hd, mask=smask, other=0.0)
         res = (h.to(tl.float32) + acc).to(out_ptr.dtype.element_ty)
         tl.store(out_ptr + rows[:, None] * stride_ob + dcols64[None, :] * stride_od, res, mask=smask)
-        tl.store(ypart_ptr + slots[:, None] * stride_ys + rows[:, None] * stride_yb + dcols64[None, :], acc,
-                 mask=(pmask & (used > 1))[:, None] & dmask[None, :])
+        if MULTI:
+            tl.store(ypart_ptr + slots[:, None] * stride_ys + rows[:, None] * stride_yb + dcols64[None, :], acc,
+                     mask=(pmask & (used > 1))[:, None] & dmask[None, :])
 
 
 @triton.jit(do_not_specialize=_NO_SPEC)
@@ -432,7 +438,7 @@ def _pow2_at_least(x: int) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2, w_size: int = 2,
-                 col_align: int = 16) -> _Config:
+                 col_align: int = 16, multi: bool = False) -> _Config:
     """Heuristic tiles (estimates until a GPU sweep says otherwise) for P = B*S pairs, hidden size
     D, a bank whose largest steer spans max_cols = K*r columns, h_size/w_size bytes per element of
     h and the weights, and steers' columns aligned to col_align elements.
@@ -443,7 +449,8 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     by every D tile of the expand: only for 16 pairs or fewer, or weights of 2 MB or less, where
     the op is latency bound anyway), else narrow BLOCK_C to BLOCK_M. fp32 weights take shorter
     tiles (their tf32 hi/lo splits need the registers); rows that cannot load in 16-byte vectors
-    32-deep ones."""
+    32-deep ones. multi (S > 1, rows may name several steers): 64-column expand tiles for 64-pair
+    chunks."""
     block_m, block_d = next((m, bd) for top, m, bd in _BUCKETS if p <= top)
     enough = (3 * target.num_sms) // 4
     stage_cap = _stage_budget(target) // 2  # three stages at least
@@ -452,8 +459,9 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     split_k = 1
     if chunks * triton.cdiv(max_cols, block_c) < enough:
         small = d * max_cols * w_size <= _SMALL_WEIGHTS
-        if (p <= 16 or small) and d >= 2 * 64 * _SPLIT_K:
-            split_k = _SPLIT_K
+        split = _SPLIT_K if block_m == 16 else _SPLIT_K // 2  # 4 for 32-pair chunks: the expand's registers
+        if (p <= 16 or small) and block_m <= 32 and d >= 2 * 64 * split:
+            split_k = split
         else:
             block_c = max(16, min(block_c, block_m))
     block_k = 64 if split_k > 1 or w_size == 4 else 256 if block_m == 16 else 128
@@ -465,12 +473,14 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
         block_k //= 2
     if split_k > 1:
         block_d = 128
+    if multi and block_m == 64:  # S > 1: the expand's second (fp32 partial) store needs the registers
+        block_d = 64
     block_r = 32 if w_size == 4 else 64
     while block_r > 16 and block_r * (split_k * block_m * 4 + block_d * w_size) > stage_cap:
         block_r //= 2
     return _Config(block_m, block_c, block_k, split_k, block_d, block_r,
                    shrink_warps=8 if block_m * block_c >= 64 * 64 else 4,
-                   expand_warps=8 if block_m * block_d >= 64 * 128 else 4)
+                   expand_warps=8 if block_m == 64 else 4)
 
 
 @dataclass(frozen=True)
@@ -503,9 +513,9 @@ def _pow2_divisor(*xs: int, cap: int = 16) -> int:
 
 
 def _col_align(down: torch.Tensor, layout: GatherLayout) -> int:
-    """COL_ALIGN: a power of two dividing every down_start and down's row stride, at most 16 bytes'
-    worth of elements (enough for vector loads)."""
-    return _pow2_divisor(layout.start_align, down.stride(0), cap=16 // down.element_size())
+    """COL_ALIGN: a power of two dividing every down_start, down's width and its row stride, at most
+    16 bytes' worth of elements (enough for vector loads)."""
+    return _pow2_divisor(layout.start_align, down.shape[1], down.stride(0), cap=16 // down.element_size())
 
 
 def _plan(hidden: torch.Tensor, down: torch.Tensor, up: torch.Tensor, cols: torch.Tensor,
@@ -572,7 +582,7 @@ def _plan(hidden: torch.Tensor, down: torch.Tensor, up: torch.Tensor, cols: torc
          row_steer.stride(0), row_steer.stride(1), coef.stride(0), coef.stride(1),
          out.stride(0), out.stride(1), ys, yb),
         dict(SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_D=cfg.block_d, BLOCK_R=cfg.block_r, HILO=hilo,
-             B_SPLIT=not hilo and up.dtype == torch.float32, UPCAST=upcast and hilo,
+             B_SPLIT=not hilo and up.dtype == torch.float32, UPCAST=upcast and hilo, MULTI=s > 1,
              num_warps=cfg.expand_warps, num_stages=expand_stages),
     ))
     launches.append(_Launch(
@@ -604,7 +614,7 @@ def _default_config(hidden: torch.Tensor, down: torch.Tensor, row_steer: torch.T
                     target: _Target) -> _Config:
     b, d = hidden.shape
     return _pick_config(b * row_steer.shape[1], d, layout.max_cols, target, hidden.element_size(),
-                        down.element_size(), _col_align(down, layout))
+                        down.element_size(), _col_align(down, layout), row_steer.shape[1] > 1)
 
 
 def _check(hidden: torch.Tensor, down: torch.Tensor, up: torch.Tensor, cols: torch.Tensor, row_steer: torch.Tensor,
