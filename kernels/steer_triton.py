@@ -429,13 +429,6 @@ def _expand_stage_bytes(cfg: _Config, w_size: int) -> int:
     return cfg.block_r * (cfg.split_k * cfg.block_m * 4 + cfg.block_d * w_size)
 
 
-def _pow2_at_least(x: int) -> int:
-    p = 1
-    while p < x:
-        p *= 2
-    return p
-
-
 @functools.lru_cache(maxsize=4096)
 def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2, w_size: int = 2,
                  col_align: int = 16, multi: bool = False) -> _Config:
@@ -444,7 +437,7 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     h and the weights, and steers' columns aligned to col_align elements.
 
     BLOCK_M from P's bucket. Shrink: BLOCK_C = 2*BLOCK_M (every column tile reads the chunk's h
-    rows again), at most the steer's columns rounded up to a power of two. If one steer on every
+    rows again). If one steer on every
     row would give fewer items than 3/4 of the SMs, split over D into 8 (its partials are re-read
     by every D tile of the expand: only for 16 pairs or fewer, or weights of 2 MB or less, where
     the op is latency bound anyway), else narrow BLOCK_C to BLOCK_M. fp32 weights take shorter
@@ -454,7 +447,7 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     block_m, block_d = next((m, bd) for top, m, bd in _BUCKETS if p <= top)
     enough = (3 * target.num_sms) // 4
     stage_cap = _stage_budget(target) // 2  # three stages at least
-    block_c = max(16, min(2 * block_m, _pow2_at_least(max(1, max_cols))))
+    block_c = 2 * block_m  # not narrowed for small steers: masked columns cost no bytes, and variants add up
     chunks = triton.cdiv(p, block_m)
     split_k = 1
     if chunks * triton.cdiv(max_cols, block_c) < enough:
@@ -513,9 +506,10 @@ def _pow2_divisor(*xs: int, cap: int = 16) -> int:
 
 
 def _col_align(down: torch.Tensor, layout: GatherLayout) -> int:
-    """COL_ALIGN: a power of two dividing every down_start, down's width and its row stride, at most
-    16 bytes' worth of elements (enough for vector loads)."""
-    return _pow2_divisor(layout.start_align, down.shape[1], down.stride(0), cap=16 // down.element_size())
+    """COL_ALIGN: 16 bytes' worth of elements if that divides every down_start, down's width and its
+    row stride (vector loads), else 1 (two values: fewer compiled variants)."""
+    full = 16 // down.element_size()
+    return full if _pow2_divisor(layout.start_align, down.shape[1], down.stride(0), cap=full) == full else 1
 
 
 def _plan(hidden: torch.Tensor, down: torch.Tensor, up: torch.Tensor, cols: torch.Tensor,

@@ -44,18 +44,22 @@ ROOT = Path(__file__).resolve().parent.parent
 TRITON36 = ROOT / ".venv" / "triton36"
 ARCHS = {"sm_90": 90, "sm_80": 80}
 
-# The plugin's grid: every batch 1..512 at these sizes. On CUDA the plugin keeps the steer
-# weights in the model's dtype (bf16, fp16; fp32 for an fp32 model: vllm_integration.py), so
-# those pairs get the whole grid; fp32 weights under a 16-bit model (the kernel accepts them, the
-# kernel tests use them) get D = 4096 and MIXED_R.
+# The plugin's grid: every batch 1..512 with 1..4 slots (the default max_steers_per_request) at
+# these sizes. On CUDA the plugin keeps the steer weights in the model's dtype (bf16, fp16; fp32 for
+# an fp32 model: serving/step.py), so those pairs get the whole grid; fp32 weights under a 16-bit
+# model (the kernel accepts them, the kernel tests use them) get D = 4096 and MIXED_BANKS.
 PLUGIN_BATCHES = range(1, 513)
+PLUGIN_SLOTS = range(1, 5)
 PLUGIN_D = (64, 576, 2048, 4096, 8192)
-PLUGIN_R = (1, 64, 200, 1000, 4096, 8192)  # 1 and 200/1000 (not multiples of 16) specialise differently
-MIXED_R = (4096,)
-PLUGIN_K = 2
-# The report's points (D = 4096, bf16).
-REPORT_R = (64, 1000, 4096)
+# Banks as [(rank, dims)]: K*r of 2 (rank 1), 128, 400, 2000 (not multiples of 16 columns: 200,
+# 1000 specialise differently), 8192 and 16384, and one whose steers start unaligned.
+PLUGIN_BANKS = {"r1": [(1, 2)], "r64": [(64, 2), (64, 2)], "r200": [(200, 2)], "r1000": [(1000, 2), (1000, 2)],
+                "r4096": [(4096, 2)], "r8192": [(8192, 2)], "unaligned": [(3, 2), (64, 2), (1, 1)]}
+MIXED_BANKS = ("r4096",)
+# The report's points (D = 4096, bf16, K = 2).
+REPORT_R = (64, 1000)
 REPORT_B = (1, 16, 64, 256)
+REPORT_S = (1, 4)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -69,26 +73,16 @@ def _dtype_pairs():
             (torch.bfloat16, torch.float32), (torch.float16, torch.float32)]
 
 
-def _meta_inputs(layout: dict):
-    """Meta tensors with the layout's shapes, dtypes, strides and alignment: (hidden, down, up,
-    col_dim, row_values, out)."""
-    import torch
-
-    b, d, r, k = layout["b"], layout["d"], layout["r"], layout["k"]
-    dt, wdt = layout["dtype"], layout["wdtype"]
-    if layout.get("h_pad"):
-        hidden = torch.empty(b, d + layout["h_pad"], dtype=dt, device="meta")[:, layout["h_off"]:layout["h_off"] + d]
-    else:
-        hidden = torch.empty(b, d, dtype=dt, device="meta")
-    if layout.get("v_pad"):
-        values = torch.empty(b, k + layout["v_pad"], device="meta")[:, layout["v_off"]:layout["v_off"] + k]
-    else:
-        values = torch.empty(b, k, device="meta")
-    down = torch.empty(d, r, dtype=wdt, device="meta")
-    up = torch.empty(r, d, dtype=wdt, device="meta")
-    col_dim = torch.empty(r, dtype=torch.int32 if layout.get("col32") else torch.int64, device="meta")
-    out = hidden if layout.get("in_place") else torch.empty(b, d, dtype=dt, device="meta")
-    return hidden, down, up, col_dim, values, out
+def _tests_module():
+    """tests/test_kernel_triton.py (its meta_inputs and launch_cases). It picks the interpreter on
+    import unless TRITON_INTERPRET is set: set it to "0" just for the import (the kernels here are
+    already compiled-mode JITFunctions)."""
+    os.environ["TRITON_INTERPRET"] = "0"
+    try:
+        import test_kernel_triton as tk
+    finally:
+        del os.environ["TRITON_INTERPRET"]
+    return tk
 
 
 def _enumerate(arch: str, subset: str) -> list[dict]:
@@ -96,7 +90,7 @@ def _enumerate(arch: str, subset: str) -> list[dict]:
     entry per Triton specialisation key, with the labels of the cases that need it.
 
     subset: "plugin" (the plugin's grid), "tests" (plus every launch of tests/test_kernel_triton.py),
-    "report" (REPORT_R x REPORT_B at D = 4096, bf16)."""
+    "report" (REPORT_R x REPORT_B x REPORT_S at D = 4096, bf16)."""
     import torch
     from triton.backends.compiler import GPUTarget
     from triton.compiler import make_backend
@@ -109,13 +103,15 @@ def _enumerate(arch: str, subset: str) -> list[dict]:
     binders: dict = {}
     variants: dict = {}
 
+    tk = _tests_module()
+    assert type(st._gshrink_kernel).__name__ == "JITFunction"
+
     def add(label: str, layout: dict, cfg) -> None:
-        hidden, down, up, col_dim, values, out = _meta_inputs(layout)
+        hidden, down, up, cols, row_steer, values, out, lay = tk.meta_inputs(layout)
         default = cfg is None
         if default:
-            cfg = st._pick_config(layout["b"], layout["d"], layout["r"], target, hidden.element_size(),
-                                  down.element_size())
-        for launch in st._plan(hidden, down, up, col_dim, values, out, cfg, target, False):
+            cfg = st._default_config(hidden, down, row_steer, lay, target)
+        for launch in st._plan(hidden, down, up, cols, row_steer, values, out, lay, cfg, target, False):
             fn = launch.kernel
             if fn not in binders:
                 binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
@@ -129,30 +125,28 @@ def _enumerate(arch: str, subset: str) -> list[dict]:
 
     pairs = _dtype_pairs()
     if subset in ("plugin", "tests"):
-        grid = [(pair, PLUGIN_D, PLUGIN_R, PLUGIN_BATCHES) for pair in pairs[:3]]
-        grid += [(pair, (4096,), MIXED_R, PLUGIN_BATCHES) for pair in pairs[3:]]
+        grid = [(pair, PLUGIN_D, list(PLUGIN_BANKS), PLUGIN_BATCHES, PLUGIN_SLOTS) for pair in pairs[:3]]
+        grid += [(pair, (4096,), MIXED_BANKS, PLUGIN_BATCHES, PLUGIN_SLOTS) for pair in pairs[3:]]
     else:
-        grid = [(pairs[0], (4096,), REPORT_R, REPORT_B)]
-    for (dt, wdt), dims, ranks, batches in grid:
+        grid = [(pairs[0], (4096,), [f"r{r}" for r in REPORT_R], REPORT_B, REPORT_S)]
+    for (dt, wdt), dims, banks, batches, slots in grid:
         for d in dims:
-            for r in ranks:
+            for bank in banks:
+                steers = PLUGIN_BANKS[bank]
+                rows, c, _ = tk.bank_cols(steers)
+                lay = st.GatherLayout.of(rows)
+                col_align = st._col_align(torch.empty(d, c, dtype=wdt, device="meta"), lay)
                 seen = set()
-                for b in batches:
-                    cfg = st._pick_config(b, d, r, target, dt.itemsize, wdt.itemsize)
-                    if cfg in seen and subset != "report":  # one plan per config: B is not specialised
-                        continue
-                    seen.add(cfg)
-                    add("plugin" if subset != "report" else f"D{d}-R{r}-B{b}",
-                        dict(b=b, d=d, r=r, k=PLUGIN_K, dtype=dt, wdtype=wdt), None)
+                for s in slots:
+                    for b in batches:
+                        cfg = st._pick_config(b * s, d, lay.max_cols, target, dt.itemsize, wdt.itemsize, col_align,
+                                              s > 1)
+                        if (cfg, s > 1) in seen and subset != "report":  # B and S are not specialised
+                            continue
+                        seen.add((cfg, s > 1))
+                        label = "plugin" if subset != "report" else f"D{d}-R{steers[0][0]}-B{b}-S{s}"
+                        add(label, dict(b=b, s=s, d=d, steers=steers, dtype=dt, wdtype=wdt), None)
     if subset == "tests":
-        # The kernel tests pick the interpreter on import unless TRITON_INTERPRET is set: set it
-        # to "0" just for the import (the kernels here are already compiled-mode JITFunctions).
-        os.environ["TRITON_INTERPRET"] = "0"
-        try:
-            import test_kernel_triton as tk
-        finally:
-            del os.environ["TRITON_INTERPRET"]
-        assert type(st._shrink_kernel).__name__ == "JITFunction"
         for label, layout, cfg in tk.launch_cases():
             add(f"tests:{label}", layout, cfg)
     del torch
@@ -229,7 +223,7 @@ def worker(argv: list[str]) -> int:
 
     from vllm_steer.kernels import steer_triton as st
 
-    if type(st._shrink_kernel).__name__ != "JITFunction":
+    if type(st._gshrink_kernel).__name__ != "JITFunction":
         raise SystemExit("the kernels were loaded for the interpreter")
     index, count = (int(x) for x in args.shard.split("/"))
     with args.out.open("w") as out:
@@ -304,11 +298,11 @@ def run_workers(jobs: list[tuple[Path | None, str, int]], outdir: Path, timeout_
 def expected_mma(row: dict) -> str | None:
     """The tensor-core input type the row's dots must use (None: the kernel has no dot)."""
     c = row["constexprs"]
-    if row["kernel"] == "_shrink_kernel":
+    if row["kernel"] == "_gshrink_kernel":
         if c["NATIVE"]:
             return {"*bf16": "bf16", "*fp16": "f16"}[row["arg_types"][0]]
         return "tf32"
-    if row["kernel"] == "_expand_kernel":
+    if row["kernel"] == "_gexpand_kernel":
         return "bf16" if c["HILO"] else "tf32"
     return None
 
@@ -317,8 +311,8 @@ def weight_row_alignment(row: dict) -> int:
     """Bytes to which the rows of the main loop's weight tile are known to be aligned: cp.async
     (the pipeline's copies) needs 4 at least, so 2-byte weights with odd rows cannot be pipelined."""
     size = {"*bf16": 2, "*fp16": 2, "*fp32": 4}[row["arg_types"][1]]
-    if row["kernel"] == "_shrink_kernel":
-        return row["constexprs"]["R_ALIGN"] * size
+    if row["kernel"] == "_gshrink_kernel":
+        return row["constexprs"]["COL_ALIGN"] * size
     aligned = row["specialisation"].get("stride_ur") == "D" and row["specialisation"].get("up_ptr") == "D"
     return (16 if aligned else 1) * size
 
@@ -327,9 +321,12 @@ def pipeline_depth(row: dict) -> int:
     """Buffers of the main loop's weight tile in the compiled TTGIR (0: not pipelined)."""
     c = row["constexprs"]
     wtype = {"*bf16": "bf16", "*fp16": "f16", "*fp32": "f32"}[row["arg_types"][1]]
-    tile = [c["BLOCK_K"], c["BLOCK_R"]] if row["kernel"] == "_shrink_kernel" else [c["BLOCK_R"], c["BLOCK_D"]]
+    tile = [c["BLOCK_K"], c["BLOCK_C"]] if row["kernel"] == "_gshrink_kernel" else [c["BLOCK_R"], c["BLOCK_D"]]
     depths = [b[0] for b in row["buffers"] if b[1:3] == tile and b[3] == wtype]
     return max(depths, default=0)
+
+
+_MAIN_LOOP_KERNELS = ("_gshrink_kernel", "_gexpand_kernel")
 
 
 try:
@@ -385,7 +382,7 @@ if pytest is not None:
         deeply, but still asynchronously; 2-byte rows (odd sizes, 16-bit weights) cannot be."""
         shallow = []
         for r in _variants(compiled):
-            if r["ok"] and r["kernel"] != "_finalize_kernel" and weight_row_alignment(r) >= 4:
+            if r["ok"] and r["kernel"] in _MAIN_LOOP_KERNELS and weight_row_alignment(r) >= 4:
                 depth = pipeline_depth(r)
                 want = r["num_stages"] - 1 if weight_row_alignment(r) >= 16 else 1
                 if r["async_copies"] == 0 or depth < want:
@@ -416,46 +413,50 @@ def write_report(path: Path) -> None:
             by_point.setdefault((r["triton"], r["arch"], label), []).append({**r, "grid": r["grids"][label]})
     versions = sorted({r["triton"] for r in rows})
     lines = ["# Steer kernels: compile-time facts (sm_90, sm_80)", "",
-             f"Static figures of the kernels the config heuristic picks at D = 4096, bf16 hidden state and "
-             f"weights, compiled without a GPU by `tests/test_kernel_compile.py --report` with Triton "
+             f"Static figures of the gather kernels the config heuristic picks at D = 4096, bf16 hidden state "
+             f"and weights, banks of rank R with K = 2, B rows with S slots, compiled without a GPU by "
+             f"`tests/test_kernel_compile.py --report` with Triton "
              f"{' and '.join(versions)} on {datetime.date.today().isoformat()}. These are compile-time facts "
              f"(registers and spills from ptxas -v, shared memory from Triton's metadata, pipeline buffers "
              f"from the TTGIR, tensor-core instructions from the PTX), not measurements: nothing here ran on a GPU.",
              "", "Columns per kernel: registers per thread / spill bytes (stores+loads) / shared memory KiB / "
-             "stages (weight-tile buffers) / warps / tensor-core instruction. `-` = not launched.", ""]
-    kernels = ["_shrink_kernel", "_expand_kernel", "_finalize_kernel"]
+             "stages (weight-tile buffers) / warps / tensor-core instruction. `-` = not launched. The shrink "
+             "and expand grids are persistent (at most two programs per SM, looping over the work items).", ""]
+    kernels = ["_plan_kernel", "_gshrink_kernel", "_gexpand_kernel", "_gfinal_kernel"]
     for version in versions:
         for arch in ARCHS:
             lines += [f"## {arch}, Triton {version}", "",
-                      "| R | B | launch shape | shrink | expand | finalize |", "|---:|---:|---|---|---|---|"]
+                      "| R | B | S | launch shape | plan | shrink | expand | finalize |",
+                      "|---:|---:|---:|---|---|---|---|---|"]
             for r_ in REPORT_R:
                 for b in REPORT_B:
-                    got = {x["kernel"]: x for x in by_point.get((version, arch, f"D4096-R{r_}-B{b}"), [])}
-                    cells = []
-                    for k in kernels:
-                        x = got.get(k)
-                        if x is None:
-                            cells.append("-")
-                        elif not x["ok"]:
-                            cells.append("**compile error**")
-                        else:
-                            mma = ",".join(m.replace("mma.sync", "mma").replace("wgmma.mma_async", "wgmma")
-                                           for m in x["mma"]) or "none"
-                            depth = pipeline_depth(x) if k != "_finalize_kernel" else 0
-                            cells.append(f"{x['registers']} / {x['spill_stores'] + x['spill_loads']} / "
-                                         f"{x['shared'] / 1024:.0f} / {x['num_stages']} ({depth}) / "
-                                         f"{x['num_warps']} / {mma}")
-                    sh, ex = got.get("_shrink_kernel"), got.get("_expand_kernel")
-                    shape = "-"
-                    if sh and ex:
-                        c, e = sh["constexprs"], ex["constexprs"]
-                        shape = (f"shrink {c['BLOCK_M']}x{c['BLOCK_R']} k{c['BLOCK_K']} grid {sh['grid']}; "
-                                 f"expand {e['BLOCK_M']}x{e['BLOCK_D']} r{e['BLOCK_R']} splitK {e['SPLIT_K']} "
-                                 f"grid {ex['grid']}")
-                    lines.append(f"| {r_} | {b} | {shape} | " + " | ".join(cells) + " |")
+                    for s_ in REPORT_S:
+                        got = {x["kernel"]: x for x in by_point.get((version, arch, f"D4096-R{r_}-B{b}-S{s_}"), [])}
+                        cells = []
+                        for k in kernels:
+                            x = got.get(k)
+                            if x is None:
+                                cells.append("-")
+                            elif not x["ok"]:
+                                cells.append("**compile error**")
+                            else:
+                                mma = ",".join(m.replace("mma.sync", "mma").replace("wgmma.mma_async", "wgmma")
+                                               for m in x["mma"]) or "none"
+                                depth = pipeline_depth(x) if k in _MAIN_LOOP_KERNELS else 0
+                                cells.append(f"{x['registers']} / {x['spill_stores'] + x['spill_loads']} / "
+                                             f"{x['shared'] / 1024:.0f} / {x['num_stages']} ({depth}) / "
+                                             f"{x['num_warps']} / {mma}")
+                        sh, ex = got.get("_gshrink_kernel"), got.get("_gexpand_kernel")
+                        shape = "-"
+                        if sh and ex:
+                            c, e = sh["constexprs"], ex["constexprs"]
+                            shape = (f"shrink {c['BLOCK_M']}x{c['BLOCK_C']} k{c['BLOCK_K']} splitK {c['SPLIT_K']} "
+                                     f"grid {sh['grid'][0]}; expand {e['BLOCK_M']}x{e['BLOCK_D']} r{e['BLOCK_R']} "
+                                     f"grid {ex['grid'][0]}")
+                        lines.append(f"| {r_} | {b} | {s_} | {shape} | " + " | ".join(cells) + " |")
             lines.append("")
     ok = [r for r in rows if r["ok"]]
-    main = [r for r in ok if r["kernel"] != "_finalize_kernel"]
+    main = [r for r in ok if r["kernel"] in _MAIN_LOOP_KERNELS]
     lines += ["## Summary", "",
               f"{len(rows)} compiled kernels ({len(rows) - len(ok)} failed to compile); spills in "
               f"{sum(1 for r in ok if r['spill_stores'] or r['spill_loads'])}; shrink/expand stages "

@@ -267,8 +267,13 @@ def test_forced_configs(case):
 
 def meta_inputs(layout: dict):
     """Meta tensors (shapes, dtypes, strides and alignment without memory) for a launch_cases()
-    layout: (hidden, down, up, cols, row_steer, row_values, out, GatherLayout)."""
-    b, s, d, steers = layout["b"], layout["s"], layout["d"], BANKS[layout["bank"]]
+    layout: (hidden, down, up, cols, row_steer, row_values, out, GatherLayout). layout: b, s, d,
+    bank (a BANKS key) or steers (its [(r, K)] list), dtype, wdtype, and for views: h_pad (extra
+    columns of the buffer h is a column slice of), h_off (its first column), v_pad/v_off (the same
+    for row_values' last dim), rs64 (int64 row_steer), rs_strided (a column-strided view),
+    in_place (out=hidden)."""
+    b, s, d = layout["b"], layout["s"], layout["d"]
+    steers = layout["steers"] if "steers" in layout else BANKS[layout["bank"]]
     dt, wdt = layout["dtype"], layout["wdtype"]
     rows, c, u = bank_cols(steers)
     kmax = max(k for _, k in steers)
