@@ -1,25 +1,31 @@
-"""GPU micro-benchmark of the steer op, bf16: the Triton kernels (vllm_steer.kernels.steer_triton)
-vs the torch op vs the LM-head GEMM alone (h @ E^T, E [V, D]), then a sweep of launch configs
-around the heuristic's, to retune `_pick_config` on the GPU.
+"""GPU micro-benchmark of the per-row gather steer op, bf16: the Triton kernels
+(vllm_steer.kernels.steer_triton) on a batch of 256 rows at D = 4096 with K = 2, a bank of 256
+loaded steers of rank 64 or 1000, the rows spread over 1, 8, 64 or 256 distinct steers; then a
+CUDA-graph check and a small sweep of launch configs around the heuristic's.
 
-    python benchmarks/kernel_bench.py OUTDIR [--budget-s 120] [--sweep-budget-s 40]
+    python benchmarks/kernel_bench.py OUTDIR [--budget-s 150] [--sweep-budget-s 25]
 
 Needs torch and Triton on a CUDA machine and `vllm_steer.kernels` importable (installed, or the
 symlinked layout benchmarks/gpu_check.sh builds from a raw checkout).
 
-Timing: every op is captured once in a CUDA graph (as vLLM runs decode) and each repeat replays
-it after a 256 MB write that flushes L2 (at decode the LM head's weights pass through L2 between
-two steps), between CUDA events; the median of REPEATS. "eager µs" is triton.testing.do_bench of
-the plain Python call (host launch overhead included), for comparison.
+Timing: the op is captured once in a CUDA graph (as vLLM runs decode) and each repeat replays it
+after a 256 MB write that flushes L2, between CUDA events; the median of REPEATS. "eager µs" is
+triton.testing.do_bench of the plain Python call (the sort and five launches, host overhead
+included).
 
-Floor: the bytes that must move (down and up read once, h read once, the output written once;
-values and col_dim are noise) at the device's peak bandwidth (by device name: H100 SXM
-3.35 TB/s, H200 4.8 TB/s, ...; else from the memory clock and bus width; else a measured copy).
+Floor: the bytes that must move: the weights of the steers the batch uses (down and up blocks,
+read once), h read once and the output written once (row_steer, row_values and the scratch are
+not counted), at the device's peak bandwidth (by device name: H200 4.8 TB/s, ...; else memory
+clock x bus width; else a measured copy). "est. bytes" adds what the kernels move besides: the
+fp32 coefficient scratch (written and read) and weights re-read by further 64-row chunks of a
+steer (mostly L2 hits, counted as DRAM here: an upper estimate).
 
-Order: pass 1 is the targets (D = 4096, R 64..4096, batch <= 64: x floor <= 1.5, under 5% of the
-LM head's time), pass 2 other models and larger batches, then the sweep; the run stops starting
-points at the time budget. OUTDIR/kernel_bench.{json,md} are rewritten after every point, so a
-killed run keeps what it measured; OUTDIR/kernel_bench_summary.md is the targets table.
+Targets (from the issue): with 64 distinct steers within 2x of the time with 1, and within 1.5x
+of the floor. The graph check replays a captured call with new per-row steer indices and values
+copied into its buffers and compares with eager calls (bit for bit) and the torch op.
+
+OUTDIR/kernel_bench.{json,md} are rewritten after every point, so a killed run keeps what it
+measured; OUTDIR/kernel_bench_summary.md is the targets table.
 """
 
 from __future__ import annotations
@@ -39,21 +45,21 @@ import triton
 from triton.testing import do_bench
 
 from vllm_steer.kernels import steer_triton
-from vllm_steer.kernels.steer_torch import steer_hidden_torch
+from vllm_steer.kernels.layout import GatherLayout
+from vllm_steer.kernels.steer_torch import steer_hidden_gather_torch
 
 DEVICE = "cuda"
-REPEATS = 40
+REPEATS = 30
 FLUSH_BYTES = 256 << 20
-K = 2  # steer dims (R = K * rank)
-# Pass 1, the targets: D = 4096 (Llama-3.1-8B's hidden size, V = 128256).
-TARGET_MODEL = ("8B", 4096, 128256)
-TARGET_R = [64, 256, 1024, 4096]
-TARGET_B = [1, 4, 16, 64]
-# Pass 2: SmolLM2-135M, Llama-3.2-1B/3B and the 8B at r = 64 and r = D, batches 1..256.
-MODELS = [("135M", 576, 49152), ("1B", 2048, 128256), ("3B", 3072, 128256), TARGET_MODEL]
-MORE_B = [1, 16, 64, 256]
+D = 4096
+K = 2  # steer dims
+BATCH = 256
+LOADED = 256  # steers in the bank
+RANKS = [64, 1000]
+DISTINCT = [1, 8, 64, 256]
+SLOTS_POINTS = [(64, 4)]  # (distinct, slots): rows composing 4 steers each (rank 64 only)
 X_FLOOR_TARGET = 1.5
-LM_HEAD_SHARE_TARGET = 5.0  # percent
+RATIO_TARGET = 2.0  # 64 distinct steers / 1 steer
 
 # Peak HBM bandwidth by device-name substring, most specific first (vendor datasheets).
 PEAK_BW = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("GH200", 4.0e12),
@@ -61,7 +67,7 @@ PEAK_BW = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100
            ("B200", 8.0e12)]
 
 
-def graph_time_us(fn: Callable[[], object], flush: torch.Tensor) -> float:
+def graph_time_us(fn: Callable[[], object], flush: torch.Tensor | None) -> float:
     """Median µs of fn replayed from a CUDA graph, L2 flushed before each replay."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -75,7 +81,8 @@ def graph_time_us(fn: Callable[[], object], flush: torch.Tensor) -> float:
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(REPEATS)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(REPEATS)]
     for start, end in zip(starts, ends, strict=True):
-        flush.zero_()
+        if flush is not None:
+            flush.zero_()
         start.record()
         graph.replay()
         end.record()
@@ -84,7 +91,7 @@ def graph_time_us(fn: Callable[[], object], flush: torch.Tensor) -> float:
 
 
 def eager_time_us(fn: Callable[[], object]) -> float:
-    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    return do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
 
 
 def copy_bandwidth() -> float:
@@ -106,78 +113,169 @@ def peak_bandwidth(name: str) -> tuple[float, str]:
     return copy_bandwidth(), "measured copy (no datasheet value)"
 
 
-def make_inputs(d: int, r: int, b: int) -> tuple[torch.Tensor, ...]:
-    """hidden [b, d], down [d, r], up [r, d] (bf16), col_dim [r] (K dims of r / K columns), values
-    [b, K] fp32, every row steered."""
-    h = torch.randn(b, d, device=DEVICE).bfloat16()
-    down = (torch.randn(d, r, device=DEVICE) / d**0.5).bfloat16()
-    up = (torch.randn(r, d, device=DEVICE) / r**0.5).bfloat16()
-    col_dim = torch.arange(K, device=DEVICE).repeat_interleave(triton.cdiv(r, K))[:r]
-    values = torch.randn(b, K, device=DEVICE) * 1e-3
-    return h, down, up, col_dim, values
+def device_target():
+    """The config heuristic's view of this GPU."""
+    return steer_triton._device_target(torch.cuda.current_device())
 
 
-def floor_bytes(d: int, r: int, b: int) -> int:
-    return 2 * d * r * 2 + 2 * b * d * 2
+@dataclasses.dataclass
+class Bank:
+    """LOADED steers of one rank packed as SteerBank packs them: down [D, C], up [C, D] (bf16),
+    cols [N, 4] int32, and its host-side layout."""
+
+    rank: int
+    down: torch.Tensor
+    up: torch.Tensor
+    cols: torch.Tensor
+    layout: GatherLayout
+
+    @property
+    def steer_bytes(self) -> int:
+        return 2 * D * K * self.rank * self.down.element_size()
 
 
-def bench_point(model: str, d: int, v: int, r: int, b: int, lm_head: torch.Tensor, peak: float,
-                flush: torch.Tensor) -> dict:
-    h, down, up, col_dim, values = make_inputs(d, r, b)
+def make_bank(rank: int, loaded: int | None = None, device: str | None = None) -> Bank:
+    loaded, device = loaded or LOADED, device or DEVICE
+    c = loaded * K * rank
+    down = torch.empty(D, c, dtype=torch.bfloat16, device=device).normal_(0, D**-0.5)
+    up = torch.empty(c, D, dtype=torch.bfloat16, device=device).normal_(0, (K * rank) ** -0.5)
+    rows = [[n * K * rank, K, rank, n * K * rank] for n in range(loaded)]
+    return Bank(rank, down, up, torch.tensor(rows, dtype=torch.int32, device=device), GatherLayout.of(rows))
+
+
+def make_rows(distinct: int, slots: int, loaded: int | None = None, batch: int | None = None, seed: int = 0,
+              device: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """row_steer [batch, slots] int32 and row_values [batch, slots, K] fp32: the rows spread evenly
+    over `distinct` steers chosen at random among the loaded ones, in a shuffled order (slot s of a
+    row takes the next steer of the cycle)."""
+    loaded, batch, device = loaded or LOADED, batch or BATCH, device or DEVICE
+    g = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(loaded, generator=g)[:distinct]
+    flat = chosen[torch.arange(batch * slots) % distinct]
+    flat = flat[torch.randperm(batch * slots, generator=g)]
+    row_steer = flat.view(batch, slots).to(torch.int32)
+    values = torch.randn(batch, slots, K, generator=g) * 1e-2
+    return row_steer.to(device), values.to(device)
+
+
+def floor_bytes(bank: Bank, distinct: int) -> int:
+    return distinct * bank.steer_bytes + 2 * BATCH * D * 2
+
+
+def estimated_bytes(bank: Bank, row_steer: torch.Tensor, cfg) -> int:
+    """floor + the coefficient scratch (split_k partials, written and read) + the partial outputs
+    of rows naming several steers + the weights re-read by each further chunk of a steer."""
+    b, s = row_steer.shape
+    counts = torch.bincount(row_steer.flatten().long().cpu(), minlength=LOADED)
+    used = counts[counts > 0]
+    chunks = sum(triton.cdiv(int(c), cfg.block_m) for c in used)
+    w16 = (K * bank.rank + 15) // 16 * 16
+    scratch = 2 * cfg.split_k * b * s * w16 * 4 + (2 * s * b * D * 4 if s > 1 else 0)
+    return floor_bytes(bank, len(used)) + scratch + (chunks - len(used)) * bank.steer_bytes
+
+
+def bench_point(bank: Bank, distinct: int, slots: int, peak: float, flush: torch.Tensor) -> dict:
+    h = torch.randn(BATCH, D, device=DEVICE).bfloat16()
+    row_steer, values = make_rows(distinct, slots)
     out = torch.empty_like(h)
-    zeros = torch.zeros_like(values)
-    kernel_us = graph_time_us(lambda: steer_triton.steer_hidden_triton(h, down, up, col_dim, values, out=out), flush)
-    unsteered_us = graph_time_us(lambda: steer_triton.steer_hidden_triton(h, down, up, col_dim, zeros, out=out), flush)
-    eager_us = eager_time_us(lambda: steer_triton.steer_hidden_triton(h, down, up, col_dim, values, out=out))
-    torch_us = graph_time_us(lambda: steer_hidden_torch(h, down, up, col_dim, values), flush)
-    head_us = graph_time_us(lambda: h @ lm_head.T, flush)
-    ref = steer_hidden_torch(h, down, up, col_dim, values).float()
-    got = steer_triton.steer_hidden_triton(h, down, up, col_dim, values).float()
-    floor_us = floor_bytes(d, r, b) / peak * 1e6
-    target = steer_triton._device_target(torch.cuda.current_device())
-    cfg = steer_triton._pick_config(b, d, r, target)
-    launches = steer_triton._plan(h, down, up, col_dim, values, out, cfg, target, False)
-    return {"model": model, "D": d, "V": v, "R": r, "K": K, "batch": b,
-            "kernel_us": kernel_us, "kernel_unsteered_us": unsteered_us, "kernel_eager_us": eager_us,
-            "torch_us": torch_us, "lm_head_us": head_us, "floor_bytes": floor_bytes(d, r, b), "floor_us": floor_us,
-            "x_floor": kernel_us / floor_us, "achieved_GBps": floor_bytes(d, r, b) / (kernel_us * 1e-6) / 1e9,
-            "speedup_vs_torch": torch_us / kernel_us, "pct_of_lm_head": 100 * kernel_us / head_us,
+    args = (h, bank.down, bank.up, bank.cols, row_steer, values)
+
+    def call() -> torch.Tensor:
+        return steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)
+
+    kernel_us = graph_time_us(call, flush)
+    eager_us = eager_time_us(call)
+    none = torch.full_like(row_steer, -1)
+    unsteered_us = graph_time_us(lambda: steer_triton.steer_hidden_gather_triton(
+        h, bank.down, bank.up, bank.cols, none, values, out=out, layout=bank.layout), flush)
+    torch_us = eager_time_us(lambda: steer_hidden_gather_torch(*args))  # syncs (tolist): eager only
+    ref = steer_hidden_gather_torch(*args).float()
+    got = call().float()
+    floor = floor_bytes(bank, distinct)
+    floor_us = floor / peak * 1e6
+    target = device_target()
+    cfg = steer_triton._default_config(h, bank.down, row_steer, bank.layout, target)
+    launches = steer_triton._plan(h, bank.down, bank.up, bank.cols, row_steer, values, out, bank.layout, cfg,
+                                  target, False)
+    est = estimated_bytes(bank, row_steer, cfg)
+    return {"rank": bank.rank, "K": K, "D": D, "batch": BATCH, "slots": slots, "distinct": distinct,
+            "loaded": LOADED, "kernel_us": kernel_us, "kernel_eager_us": eager_us, "unsteered_us": unsteered_us,
+            "torch_eager_us": torch_us, "floor_bytes": floor, "floor_us": floor_us, "x_floor": kernel_us / floor_us,
+            "est_bytes": est, "est_x_floor_bytes": est / floor,
+            "achieved_GBps": floor / (kernel_us * 1e-6) / 1e9,
             "max_abs_diff_vs_torch": (got - ref).abs().max().item(), "config": dataclasses.asdict(cfg),
-            "launches": [{"kernel": x.kernel.__name__, "grid": list(x.grid),
-                          "num_warps": x.kwargs["num_warps"], "num_stages": x.kwargs["num_stages"]} for x in launches]}
+            "launches": [{"kernel": x.kernel.__name__, "grid": list(x.grid), "num_warps": x.kwargs["num_warps"],
+                          "num_stages": x.kwargs["num_stages"]} for x in launches]}
+
+
+def graph_check(bank: Bank, slots: int) -> dict:
+    """Capture one call, then replay it with other rows' steers and values copied into its input
+    buffers: every replay must equal an eager call on the same inputs bit for bit (and the torch
+    op within bf16 rounding)."""
+    h = torch.randn(BATCH, D, device=DEVICE).bfloat16()
+    row_steer, values = make_rows(1, slots, seed=1)
+    out = torch.empty_like(h)
+    args = (h, bank.down, bank.up, bank.cols, row_steer, values)
+    steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)  # compile outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)
+    results = []
+    for i, distinct in enumerate([64, 1, 256, 8, 0]):
+        if distinct:
+            new_steer, new_values = make_rows(distinct, slots, seed=10 + i)
+            new_steer[::5, 0] = -1  # some rows unsteered
+        else:
+            new_steer, new_values = torch.full_like(row_steer, -1), torch.zeros_like(values)
+        row_steer.copy_(new_steer)
+        values.copy_(new_values)
+        graph.replay()
+        torch.cuda.synchronize()
+        eager = steer_triton.steer_hidden_gather_triton(*args, layout=bank.layout)
+        ref = steer_hidden_gather_torch(*args).float()
+        results.append({"distinct": distinct, "equal_to_eager": bool(torch.equal(out, eager)),
+                        "max_abs_diff_vs_torch": (out.float() - ref).abs().max().item(),
+                        "unsteered_rows_identical": bool(torch.equal(out[(row_steer < 0).all(1)],
+                                                                     h[(row_steer < 0).all(1)]))})
+    return {"rank": bank.rank, "slots": slots, "replays": results,
+            "ok": all(r["equal_to_eager"] and r["unsteered_rows_identical"] for r in results)}
 
 
 # One parameter at a time around the heuristic config (explicit stage counts are used as given:
 # a config that does not fit is refused by Triton and recorded as an error).
-AXES = {"split_k": [1, 2, 4, 8], "block_d": [32, 64, 128, 256], "expand_block_r": [32, 64, 128],
-        "split_r": [1, 2, 4, 8, 16], "shrink_block_r": [16, 32, 64, 128], "block_k": [64, 128, 256],
-        "shrink_stages": [3, 4, 5, 6, 8], "expand_stages": [3, 4, 5, 6, 8], "shrink_warps": [2, 4, 8],
-        "expand_warps": [2, 4, 8]}
-SWEEP_SHAPES = [(4096, 4096, 1), (4096, 4096, 16), (4096, 1024, 1), (4096, 64, 1), (4096, 4096, 64),
-                (2048, 2048, 1), (576, 576, 1)]  # (D, R, B)
+AXES = {"split_k": [1, 2, 4, 8], "block_c": [32, 64, 128], "block_k": [64, 128, 256], "block_d": [64, 128, 256],
+        "block_r": [32, 64, 128], "programs_per_sm": [1, 2, 4], "shrink_stages": [3, 4, 6],
+        "expand_stages": [3, 4, 6], "shrink_warps": [4, 8], "expand_warps": [4, 8]}
+SWEEP_POINTS = [(1000, 64), (64, 1), (1000, 1), (64, 64)]  # (rank, distinct)
 
 
-def sweep(budget_s: float, peak: float, flush: torch.Tensor, log, save) -> list[dict]:
+def sweep(banks: dict[int, Bank], budget_s: float, peak: float, flush: torch.Tensor, log, save) -> list[dict]:
     """Time configs around the heuristic one: data to retune _pick_config on this GPU."""
     t0, rows = time.monotonic(), []
-    target = steer_triton._device_target(torch.cuda.current_device())
-    for d, r, b in SWEEP_SHAPES:
-        h, down, up, col_dim, values = make_inputs(d, r, b)
-        base = steer_triton._pick_config(b, d, r, target)
+    target = device_target()
+    for rank, distinct in SWEEP_POINTS:
+        if rank not in banks:
+            continue
+        bank = banks[rank]
+        h = torch.randn(BATCH, D, device=DEVICE).bfloat16()
+        row_steer, values = make_rows(distinct, 1)
+        args = (h, bank.down, bank.up, bank.cols, row_steer, values)
+        base = steer_triton._default_config(h, bank.down, row_steer, bank.layout, target)
         variants = [base] + [dataclasses.replace(base, **{f: x}) for f, xs in AXES.items() for x in xs
                              if x != getattr(base, f)]
-        expected = steer_hidden_torch(h, down, up, col_dim, values).float()
-        floor_us = floor_bytes(d, r, b) / peak * 1e6
+        expected = steer_hidden_gather_torch(*args).float()
+        floor_us = floor_bytes(bank, distinct) / peak * 1e6
         results = []
         for cfg in variants:
             if time.monotonic() - t0 > budget_s:
                 break
             out = torch.empty_like(h)
             try:
-                steer_triton._launch(h, down, up, col_dim, values, out, cfg)
+                steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout, cfg=cfg)
                 err = (out.float() - expected).abs().max().item()
-                args = (h, down, up, col_dim, values, out, cfg)
-                us = graph_time_us(lambda args=args: steer_triton._launch(*args), flush)
+                us = graph_time_us(lambda cfg=cfg, out=out, args=args, lay=bank.layout:
+                                   steer_triton.steer_hidden_gather_triton(*args, out=out, layout=lay, cfg=cfg), flush)
                 results.append({"config": dataclasses.asdict(cfg), "us": us, "x_floor": us / floor_us,
                                 "max_abs_diff_vs_torch": err, "heuristic": cfg == base})
             except Exception as exc:  # a config that does not fit this GPU: record and go on
@@ -186,11 +284,11 @@ def sweep(budget_s: float, peak: float, flush: torch.Tensor, log, save) -> list[
         if timed:
             best = min(timed, key=lambda x: x["us"])
             heur = next((x for x in timed if x["heuristic"]), None)
-            rows.append({"D": d, "R": r, "batch": b, "floor_us": floor_us,
+            rows.append({"rank": rank, "distinct": distinct, "floor_us": floor_us,
                          "heuristic_us": heur["us"] if heur else None, "best_us": best["us"],
                          "best_config": best["config"], "variants": results})
-            log(f"sweep D={d} R={r} B={b}: heuristic {rows[-1]['heuristic_us']:.1f} us, best {best['us']:.1f} us "
-                f"({best['config']}), {len(timed)} configs")
+            log(f"sweep rank={rank} distinct={distinct}: heuristic {rows[-1]['heuristic_us'] or 0:.1f} us, "
+                f"best {best['us']:.1f} us ({best['config']}), {len(timed)} configs")
             save(rows)
         if time.monotonic() - t0 > budget_s:
             log(f"sweep budget ({budget_s:.0f} s) spent")
@@ -198,64 +296,77 @@ def sweep(budget_s: float, peak: float, flush: torch.Tensor, log, save) -> list[
     return rows
 
 
-def summary_lines(rows: list[dict]) -> list[str]:
-    """The targets: D = 4096, R <= 4096, batch <= 64."""
-    lines = [f"## Against the targets (D = 4096, R 64..4096, batch <= 64; x floor <= {X_FLOOR_TARGET}, "
-             f"< {LM_HEAD_SHARE_TARGET:.0f}% of the LM head)", "",
-             "| R | B | kernel µs | floor µs | x floor | | LM head µs | % of LM head | |",
-             "|---:|---:|---:|---:|---:|---|---:|---:|---|"]
-    hits = [x for x in rows if x["D"] == 4096 and x["R"] <= 4096 and x["batch"] <= 64]
-    for x in sorted(hits, key=lambda x: (x["R"], x["batch"])):
-        ok_floor = "met" if x["x_floor"] <= X_FLOOR_TARGET else "missed"
-        ok_head = "met" if x["pct_of_lm_head"] < LM_HEAD_SHARE_TARGET else "missed"
-        lines.append(f"| {x['R']} | {x['batch']} | {x['kernel_us']:.1f} | {x['floor_us']:.2f} | {x['x_floor']:.2f} | "
-                     f"{ok_floor} | {x['lm_head_us']:.1f} | {x['pct_of_lm_head']:.2f} | {ok_head} |")
-    if not hits:
-        lines.append("| - | - | no target point was measured | | | | | | |")
+def summary_lines(rows: list[dict], checks: list[dict]) -> list[str]:
+    """The targets: 64 distinct steers within RATIO_TARGET x of 1 and within X_FLOOR_TARGET x of the floor."""
+    lines = [f"## Against the targets (B = {BATCH}, D = {D}, K = {K}, bf16, {LOADED} steers loaded; 64 distinct "
+             f"steers <= {RATIO_TARGET}x the time of 1, x floor <= {X_FLOOR_TARGET})", "",
+             "| rank | slots | distinct | kernel µs | floor µs | x floor | | est. bytes / floor | unsteered µs |",
+             "|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for x in sorted(rows, key=lambda x: (x["rank"], x["slots"], x["distinct"])):
+        ok = "met" if x["x_floor"] <= X_FLOOR_TARGET else "missed"
+        lines.append(f"| {x['rank']} | {x['slots']} | {x['distinct']} | {x['kernel_us']:.1f} | {x['floor_us']:.2f} | "
+                     f"{x['x_floor']:.2f} | {ok} | {x['est_x_floor_bytes']:.2f} | {x['unsteered_us']:.1f} |")
+    if not rows:
+        lines.append("| - | - | - | no point was measured | | | | | |")
+    lines += ["", "| rank | time 64 distinct / 1 distinct | |", "|---:|---:|---|"]
+    for rank in RANKS:
+        one = next((x for x in rows if (x["rank"], x["slots"], x["distinct"]) == (rank, 1, 1)), None)
+        many = next((x for x in rows if (x["rank"], x["slots"], x["distinct"]) == (rank, 1, 64)), None)
+        if one and many:
+            ratio = many["kernel_us"] / one["kernel_us"]
+            lines.append(f"| {rank} | {ratio:.2f} | {'met' if ratio <= RATIO_TARGET else 'missed'} |")
+        else:
+            lines.append(f"| {rank} | not measured | |")
+    lines += ["", "CUDA-graph replays with new per-row steers and values: " + (
+        ", ".join(f"rank {c['rank']} S={c['slots']}: {'ok' if c['ok'] else 'MISMATCH'}" for c in checks)
+        if checks else "not run")]
     return lines
 
 
-def write(outdir: Path, meta: dict, rows: list[dict], sweep_rows: list[dict]) -> None:
-    (outdir / "kernel_bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "sweep": sweep_rows}, indent=1))
-    lines = [f"# Steer op micro-benchmark on {meta['device']}", "",
+def write(outdir: Path, meta: dict, rows: list[dict], checks: list[dict], sweep_rows: list[dict]) -> None:
+    (outdir / "kernel_bench.json").write_text(json.dumps({"meta": meta, "rows": rows, "graph_checks": checks,
+                                                          "sweep": sweep_rows}, indent=1))
+    lines = [f"# Gather steer op micro-benchmark on {meta['device']}", "",
              f"torch {meta['torch']}, Triton {meta['triton']}, CUDA {meta['cuda']}, {meta['date']}. bf16 hidden "
-             f"state and weights, K = {K}. Times: medians of {REPEATS} CUDA-graph replays, L2 flushed before each; "
-             f"'eager': do_bench of the Python call (host launch overhead included).", "",
-             f"Floor: bytes of down + up + h read + output written, at the peak bandwidth "
-             f"{meta['peak_bw_GBps']:.0f} GB/s ({meta['peak_bw_source']}). Measured 1 GiB copy: "
-             f"{meta['copy_bw_GBps']:.0f} GB/s. 'unsteered': the same launch with every row's values zero. "
-             f"Warm-up (compiling every variant for batches 1..256, per R): {meta.get('warm_up', {})}.", "",
-             *summary_lines(rows), "",
+             f"state and weights. Times: medians of {REPEATS} CUDA-graph replays, L2 flushed before each; "
+             f"'eager': do_bench of the Python call (host overhead included); the torch op (which reads "
+             f"indices back to the host) eager only.", "",
+             f"Floor: bytes of the used steers' down + up blocks, h read and the output written, at the peak "
+             f"bandwidth {meta['peak_bw_GBps']:.0f} GB/s ({meta['peak_bw_source']}). Measured 1 GiB copy: "
+             f"{meta['copy_bw_GBps']:.0f} GB/s. 'unsteered': the same call with every row naming no steer. "
+             f"Warm-up (compiling every variant for 1..{BATCH} rows x 1..4 slots, per bank): "
+             f"{meta.get('warm_up', {})}.", "",
+             *summary_lines(rows, checks), "",
              "## All points", "",
-             "| model | D | V | R | B | kernel µs | unsteered µs | eager µs | floor µs | x floor | GB/s | torch op µs "
-             "| speed-up | LM head µs | % of LM head | launches |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| rank | S | distinct | kernel µs | eager µs | unsteered µs | torch op µs | floor µs | x floor | GB/s "
+             "| max diff vs torch | launches |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for x in rows:
-        grids = " + ".join(f"{y['kernel'].strip('_').split('_')[0]}{y['grid']}" for y in x["launches"])
-        lines.append(f"| {x['model']} | {x['D']} | {x['V']} | {x['R']} | {x['batch']} | {x['kernel_us']:.1f} | "
-                     f"{x['kernel_unsteered_us']:.1f} | {x['kernel_eager_us']:.1f} | {x['floor_us']:.2f} | "
-                     f"{x['x_floor']:.2f} | {x['achieved_GBps']:.0f} | {x['torch_us']:.1f} | "
-                     f"{x['speedup_vs_torch']:.1f}x | {x['lm_head_us']:.1f} | {x['pct_of_lm_head']:.2f} | {grids} |")
+        grids = " + ".join(f"{y['kernel'].strip('_').removesuffix('_kernel')}{y['grid']}" for y in x["launches"])
+        lines.append(f"| {x['rank']} | {x['slots']} | {x['distinct']} | {x['kernel_us']:.1f} | "
+                     f"{x['kernel_eager_us']:.1f} | {x['unsteered_us']:.1f} | {x['torch_eager_us']:.1f} | "
+                     f"{x['floor_us']:.2f} | {x['x_floor']:.2f} | {x['achieved_GBps']:.0f} | "
+                     f"{x['max_abs_diff_vs_torch']:.3g} | {grids} |")
     if meta.get("skipped"):
         lines += ["", f"Not run (time budget): {len(meta['skipped'])} points, see the JSON."]
     if sweep_rows:
         lines += ["", "## Config sweep (one parameter at a time around the heuristic config)", "",
-                  "| D | R | B | floor µs | heuristic µs | best µs | best config |",
-                  "|---:|---:|---:|---:|---:|---:|---|"]
+                  "| rank | distinct | floor µs | heuristic µs | best µs | best config |",
+                  "|---:|---:|---:|---:|---:|---|"]
         for s in sweep_rows:
             heur = f"{s['heuristic_us']:.1f}" if s["heuristic_us"] is not None else "-"
             cfg = ", ".join(f"{k}={v}" for k, v in s["best_config"].items())
-            lines.append(f"| {s['D']} | {s['R']} | {s['batch']} | {s['floor_us']:.2f} | {heur} | "
-                         f"{s['best_us']:.1f} | {cfg} |")
+            lines.append(f"| {s['rank']} | {s['distinct']} | {s['floor_us']:.2f} | {heur} | {s['best_us']:.1f} "
+                         f"| {cfg} |")
     (outdir / "kernel_bench.md").write_text("\n".join(lines) + "\n")
-    (outdir / "kernel_bench_summary.md").write_text("\n".join(summary_lines(rows)) + "\n")
+    (outdir / "kernel_bench_summary.md").write_text("\n".join(summary_lines(rows, checks)) + "\n")
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("outdir", type=Path)
-    parser.add_argument("--budget-s", type=float, default=120.0, help="stop starting new grid points after this")
-    parser.add_argument("--sweep-budget-s", type=float, default=40.0, help="time for the config sweep (0: none)")
+    parser.add_argument("--budget-s", type=float, default=150.0, help="stop starting new points after this")
+    parser.add_argument("--sweep-budget-s", type=float, default=25.0, help="time for the config sweep (0: none)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("kernel_bench.py needs a CUDA device", file=sys.stderr)
@@ -277,42 +388,47 @@ def main() -> int:
     log(f"{name}: peak {peak / 1e9:.0f} GB/s ({source}), copy {meta['copy_bw_GBps']:.0f} GB/s")
     flush = torch.empty(FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
     rows: list[dict] = []
+    checks: list[dict] = []
     sweep_rows: list[dict] = []
-    _, d8, _ = TARGET_MODEL
-    for r in TARGET_R:  # what the plugin would compile at start-up for this model, and how long it takes
-        start = time.monotonic()
-        count = steer_triton.warm_up(d8, r, K, torch.bfloat16, torch.bfloat16, 256, DEVICE)
-        meta["warm_up"][f"D{d8}-R{r}"] = f"{count} variants, {time.monotonic() - start:.1f} s"
-        log(f"warm_up D={d8} R={r}: {meta['warm_up'][f'D{d8}-R{r}']}")
-    points = [(TARGET_MODEL, r, b) for r in TARGET_R for b in TARGET_B]
-    points += [(m, r, b) for m in MODELS for r in sorted({64, m[1]}) for b in MORE_B
-               if (m, r, b) not in points]
-    heads: dict[str, torch.Tensor] = {}
-    for (model, d, v), r, b in points:
+    banks: dict[int, Bank] = {}
+
+    def save(s: list[dict] | None = None) -> None:
+        write(args.outdir, meta, rows, checks, sweep_rows if s is None else s)
+
+    for rank in RANKS:
         if time.monotonic() - t0 > args.budget_s:
-            meta["skipped"].append({"model": model, "D": d, "R": r, "batch": b})
+            meta["skipped"].append({"rank": rank, "all": True})
             continue
-        if model not in heads:
-            heads.clear()
-            torch.cuda.empty_cache()
-            heads[model] = (torch.randn(v, d, device=DEVICE) * d**-0.5).bfloat16()
-        row = bench_point(model, d, v, r, b, heads[model], peak, flush)
-        rows.append(row)
-        log(f"{model:>5} R={r:<5} B={b:<4} kernel {row['kernel_us']:8.1f} us (x{row['x_floor']:.2f} floor, "
-            f"{row['pct_of_lm_head']:5.2f}% of LM head, unsteered {row['kernel_unsteered_us']:.1f}, eager "
-            f"{row['kernel_eager_us']:.1f}) torch {row['torch_us']:8.1f} head {row['lm_head_us']:8.1f}")
-        write(args.outdir, meta, rows, sweep_rows)
-    heads.clear()
-    torch.cuda.empty_cache()
+        bank = banks[rank] = make_bank(rank)
+        start = time.monotonic()  # what the plugin compiles at start-up for this bank, and how long it takes
+        count = steer_triton.warm_up(bank.down, bank.up, bank.cols, K, BATCH, 4, torch.bfloat16, bank.layout)
+        meta["warm_up"][f"rank{rank}"] = f"{count} variants, {time.monotonic() - start:.1f} s"
+        log(f"warm_up rank {rank}: {meta['warm_up'][f'rank{rank}']}")
+        checks.append(graph_check(bank, 1))
+        log(f"graph check rank {rank} S=1: {'ok' if checks[-1]['ok'] else 'MISMATCH'} {checks[-1]['replays']}")
+        points = [(d, 1) for d in DISTINCT] + [p for p in SLOTS_POINTS if rank == RANKS[0]]
+        for distinct, slots in points:
+            if time.monotonic() - t0 > args.budget_s:
+                meta["skipped"].append({"rank": rank, "distinct": distinct, "slots": slots})
+                continue
+            row = bench_point(bank, distinct, slots, peak, flush)
+            rows.append(row)
+            log(f"rank {rank:<5} S={slots} distinct {distinct:<4} kernel {row['kernel_us']:8.1f} us "
+                f"(x{row['x_floor']:.2f} floor, est. bytes x{row['est_x_floor_bytes']:.2f}), unsteered "
+                f"{row['unsteered_us']:.1f}, eager {row['kernel_eager_us']:.1f}, torch {row['torch_eager_us']:.1f}")
+            save()
+        if rank == RANKS[0] and time.monotonic() - t0 <= args.budget_s:
+            checks.append(graph_check(bank, 4))
+            log(f"graph check rank {rank} S=4: {'ok' if checks[-1]['ok'] else 'MISMATCH'}")
+            save()
     if meta["skipped"]:
-        log(f"time budget spent: {len(meta['skipped'])} grid points not run")
+        log(f"time budget spent: {len(meta['skipped'])} points not run")
     if args.sweep_budget_s > 0:
-        sweep_rows = sweep(args.sweep_budget_s, peak, flush, log,
-                           lambda s: write(args.outdir, meta, rows, s))
-    write(args.outdir, meta, rows, sweep_rows)
-    print("\n".join(summary_lines(rows)), flush=True)
+        sweep_rows = sweep(banks, args.sweep_budget_s, peak, flush, log, save)
+    save()
+    print("\n".join(summary_lines(rows, checks)), flush=True)
     log(f"wrote {args.outdir / 'kernel_bench.md'} and .json")
-    return 0
+    return 0 if all(c["ok"] for c in checks) else 1
 
 
 if __name__ == "__main__":

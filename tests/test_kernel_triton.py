@@ -449,6 +449,51 @@ def test_cuda_graph_replay_with_new_rows():
         assert torch.equal(out, gather_triton(h, down, up, cols, rs, values, layout=lay))
 
 
+def test_benchmark_helpers_on_tiny_shapes():
+    """benchmarks/kernel_bench.py's bank, rows, byte estimates, one point (timers stubbed) and its
+    report, on tiny shapes in the interpreter: the GPU run should not be the first to execute them.
+    CPU only (gpu_check.sh runs the benchmark itself on a GPU)."""
+    if DEVICE == "cuda":
+        if pytest is not None:
+            pytest.skip("the GPU check runs the benchmark itself")
+        return
+    import importlib.util
+    import tempfile
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_bench.py"
+    spec = importlib.util.spec_from_file_location("kernel_bench_smoke", path)
+    kb = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = kb  # its dataclasses look their module up
+    try:
+        spec.loader.exec_module(kb)
+    finally:
+        del sys.modules[spec.name]
+    kb.steer_triton = steer_triton  # the interpreter's kernels
+    kb.DEVICE, kb.D, kb.LOADED, kb.BATCH, kb.RANKS = "cpu", 32, 6, 8, [4]
+    kb.graph_time_us = lambda fn, flush: (fn(), 2.0)[1]
+    kb.eager_time_us = lambda fn: (fn(), 3.0)[1]
+    kb.device_target = lambda: steer_triton.TARGETS["interpreter"]
+    bank = kb.make_bank(4, loaded=6, device="cpu")
+    assert bank.layout.num_steers == 6 and bank.layout.max_cols == 8 and not bank.layout.dense
+    rs, values = kb.make_rows(3, 2, loaded=6, batch=8, device="cpu")
+    assert rs.shape == (8, 2) and len(rs.unique()) == 3 and values.shape == (8, 2, 2)
+    rows = [kb.bench_point(bank, distinct, 1, 1e12, None) for distinct in (1, 3)]
+    rows.append(kb.bench_point(bank, 2, 2, 1e12, None))
+    for row in rows:
+        assert row["max_abs_diff_vs_torch"] < 0.05 and row["est_bytes"] >= row["floor_bytes"]
+        assert [x["kernel"] for x in row["launches"]] == ["_plan_kernel", "_gshrink_kernel", "_gexpand_kernel",
+                                                          "_gfinal_kernel"]
+    assert rows[1]["floor_bytes"] - rows[0]["floor_bytes"] == 2 * bank.steer_bytes
+    with tempfile.TemporaryDirectory() as tmp:
+        meta = {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": None, "date": "-",
+                "peak_bw_GBps": 1000.0, "peak_bw_source": "test", "copy_bw_GBps": 1.0, "skipped": [], "warm_up": {}}
+        checks = [{"rank": 4, "slots": 1, "ok": True, "replays": []}]
+        kb.write(Path(tmp), meta, rows, checks, [])
+        text = (Path(tmp) / "kernel_bench_summary.md").read_text()
+        assert "| 4 | 1 | 3 |" in text and "rank 4 S=1: ok" in text
+
+
 def launch_cases() -> list[tuple[str, dict, steer_triton._Config | None]]:
     """Every kernel call this module makes on a GPU, as (label, layout, explicit config or None for
     the heuristic's), for tests/test_kernel_compile.py to compile for sm_90 and sm_80 (see
