@@ -4,7 +4,7 @@ W_k, and the low-rank bank that packs many steers for batched serving. Pure torc
     h' = h + eps * sum_k s_k (h @ P1_k) @ P2_k^T  =  h (I + eps * sum_k s_k W_k),  W_k = P1_k P2_k^T
 
 Training, interpretation, transfer and composition use `steered_hidden` and `dim_matrices`;
-serving packs the steers into a `SteerBank` and runs the packed op from `vllm_steer.kernels`
+serving packs the steers into a `SteerBank` and runs the per-row gather op from `vllm_steer.kernels`
 (the torch op or the Triton kernel), which the tests check against `steered_hidden`.
 """
 
