@@ -449,6 +449,31 @@ def test_cuda_graph_replay_with_new_rows():
         assert torch.equal(out, gather_triton(h, down, up, cols, rs, values, layout=lay))
 
 
+def test_steer_bank_layout_drives_the_kernel():
+    """A SteerBank packed as on CUDA (factored, ranks 1, 3 and 64) hands the kernel its host-side
+    layout (no cols read-back): the kernel and the torch op on the bank against float64."""
+    try:
+        from vllm_steer import SteerFile
+        from vllm_steer.steer.formula import SteerBank
+    except ImportError as exc:  # a machine without the plugin's dependencies
+        if pytest is not None:
+            pytest.skip(f"vllm_steer's steer module cannot be imported: {exc}")
+        return
+    d = 48
+    g = torch.Generator().manual_seed(31)
+    steers = {f"s{r}": SteerFile.create(torch.randn(k, d, r, generator=g), torch.randn(k, d, r, generator=g),
+                                        dim_names=[f"d{i}" for i in range(k)], epsilon=0.05)
+              for r, k in [(1, 2), (3, 1), (64, 2)]}
+    bank = SteerBank.pack(steers, "cpu", dense=False).placed(DEVICE, torch.float32)
+    assert bank.layout == GatherLayout.of(bank.cols.tolist())
+    h = torch.randn(6, d, generator=g).to(DEVICE)
+    rs = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 2], [1, 0], [-1, 2]], dtype=torch.int32, device=DEVICE)
+    values = torch.randn(6, 2, bank.max_dims, generator=g).to(DEVICE)
+    args = (h, bank.down, bank.up, bank.cols, rs, values)
+    check(gather_triton(*args, layout=bank.layout), *args)
+    check(steer_hidden_gather_torch(*args), *args)
+
+
 def test_benchmark_helpers_on_tiny_shapes():
     """benchmarks/kernel_bench.py's bank, rows, byte estimates, one point (timers stubbed) and its
     report, on tiny shapes in the interpreter: the GPU run should not be the first to execute them.

@@ -5,7 +5,7 @@ values), `SteerConfig` (which steers a server loads), `steered_llm` (an offline 
 The layout shows the architecture: `steer/` is the steer itself (format, math, request values;
 no vLLM), `serving/` everything that touches vLLM (imported only inside vLLM's processes),
 `tools/` the steer tools, `cli/` the command line, `plugin` the names vLLM loads, and
-`kernels` the packed steer op (torch and Triton).
+`kernels` the per-row gather steer op (torch and Triton).
 """
 
 from .serving.config import SteerConfig
