@@ -442,8 +442,8 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     by every D tile of the expand: only for 16 pairs or fewer, or weights of 2 MB or less, where
     the op is latency bound anyway), else narrow BLOCK_C to BLOCK_M. fp32 weights take shorter
     tiles (their tf32 hi/lo splits need the registers); rows that cannot load in 16-byte vectors
-    32-deep ones. multi (S > 1, rows may name several steers): 64-column expand tiles for 64-pair
-    chunks."""
+    32-deep ones. multi (S > 1, rows may name several steers): 64x32 expand steps for 64-pair
+    chunks. Expand: 8 warps from 32-pair chunks or a split over D on (4 spill registers)."""
     block_m, block_d = next((m, bd) for top, m, bd in _BUCKETS if p <= top)
     enough = (3 * target.num_sms) // 4
     stage_cap = _stage_budget(target) // 2  # three stages at least
@@ -466,14 +466,14 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
         block_k //= 2
     if split_k > 1:
         block_d = 128
-    if multi and block_m == 64:  # S > 1: the expand's second (fp32 partial) store needs the registers
-        block_d = 64
     block_r = 32 if w_size == 4 else 64
+    if multi and block_m == 64:  # S > 1: the expand's second (fp32 partial) store needs the registers
+        block_d, block_r = 64, 32
     while block_r > 16 and block_r * (split_k * block_m * 4 + block_d * w_size) > stage_cap:
         block_r //= 2
     return _Config(block_m, block_c, block_k, split_k, block_d, block_r,
                    shrink_warps=8 if block_m * block_c >= 64 * 64 else 4,
-                   expand_warps=8 if block_m == 64 else 4)
+                   expand_warps=8 if block_m >= 32 or split_k > 1 else 4)
 
 
 @dataclass(frozen=True)
