@@ -52,20 +52,25 @@ or on its position in it (a dot's rows are independent). Scratch (sorted keys, c
 ypart) comes from torch's caching allocator; nothing needs zeroing.
 
 Tiles and splits (`_pick_config`, from host-known sizes only: the pairs P = B*S, D, the bank's
-largest K*r and the dtypes). BLOCK_M from P (16 up to 16 pairs, 32 up to 32, else 64: at most
-4 MMA row-blocks wasted per chunk, cheap because the op is bound by bytes, not FLOPs). Shrink
-tiles of 2*BLOCK_M columns; where the batch's chunks times column tiles give too few items for
-the SMs even with one steer, a split over D into 8 partials (only while its re-reads stay small:
-16 pairs or fewer, or small weights). Expand tiles of 128 D columns (64 for 16-row chunks) over
-steps of 64 (fp32: 32) rows of `up`.
+largest K*r, the dtypes and alignment, and whether S > 1). BLOCK_M from P (16 up to 16 pairs, 32 up
+to 32, else 64: at most 4 MMA row-blocks wasted per chunk, cheap because the op is bound by bytes,
+not FLOPs). Shrink tiles of 2*BLOCK_M columns; where the batch's chunks times column tiles give
+too few items for the SMs even with one steer, a split over D (8 partials for 16-pair chunks, 4 for
+32; only while the expand's re-reads of the partials stay small: 16 pairs or fewer, or a steer of
+2 MB or less), else BLOCK_M-wide column tiles. Expand tiles of 128 D columns (64 for 16-pair
+chunks without a split; 64 with 32-row steps for 64-pair chunks when S > 1, whose second store
+needs the registers) over steps of 64 (fp32: 32) rows of `up`. The compile test checks that these
+defaults spill no registers on sm_80 and sm_90.
 
 Pipelining and shared memory. Every main loop (the shrink's D loop, the expand's R loop) streams
 its weight tiles through Triton's software pipeline (cp.async on sm_80/sm_90; the stage count
 from the target's shared memory shared by two programs per SM, at least three stages). The
-column offset of a steer in `down` is data-dependent, so the bank's alignment (the largest power
-of two dividing every down_start and the row stride, `GatherLayout.start_align`) is passed as the
-constexpr COL_ALIGN: the rows of a steer's down tile load in 16-byte vectors when it is 8
-(bf16) or 4 (fp32), which banks of ranks such as 64 and 1000 (K = 2) always are.
+column offset of a steer in `down` is data-dependent, so the bank's alignment is passed as the
+constexpr COL_ALIGN: 16 bytes' worth of elements (8 bf16, 4 fp32) when that divides every
+down_start, the width and the row stride of `down` (`GatherLayout.start_align`; banks of ranks such
+as 64 and 1000 with K = 2 always are), else 1. The down tile's loads then run to K*r rounded up to
+COL_ALIGN (still inside `down`), so that their mask is constant over 16-byte groups and they go
+through cp.async in vectors; the extra columns only reach coefficients that are stored as zeros.
 
 Precision: fp32 accumulation throughout, products exact on the tensor cores (`_mma`):
  - h and down in the same 16-bit dtype: the native bf16/fp16 tensor-core dot (16-bit products

@@ -449,6 +449,32 @@ def test_cuda_graph_replay_with_new_rows():
         assert torch.equal(out, gather_triton(h, down, up, cols, rs, values, layout=lay))
 
 
+def test_padded_bank_reads_past_k_r_safely():
+    """Steers whose columns start 16-aligned with NaN gaps between them (a bank packed with padding):
+    COL_ALIGN is full, the down loads run past K*r into the gap, and nothing of it reaches the output."""
+    d, b, s = 40, 7, 2
+    steers = [(3, 2), (5, 1), (16, 2), (1, 3)]
+    g = torch.Generator().manual_seed(41)
+    rows, start = [], 0
+    for r, k in steers:
+        rows.append([start, k, r, start])
+        start += (k * r + 15) // 16 * 16
+    for dtype, wdtype in DTYPES[:2]:
+        down = torch.full((d, start), float("nan"))
+        up = torch.full((start, d), float("nan"))
+        for (st, k, r, _), _ in zip(rows, steers, strict=True):
+            down[:, st:st + k * r] = torch.randn(d, k * r, generator=g) / d**0.5 + 0.3
+            up[st:st + k * r] = torch.randn(k * r, d, generator=g) / (k * r * s) ** 0.5
+        h = torch.randn(b, d, generator=g)
+        rs = torch.tensor([[0, 1], [2, -1], [3, 3], [-1, -1], [1, 2], [3, 0], [2, 2]])
+        values = torch.randn(b, s, 3, generator=g) + 0.5
+        args = (h.to(DEVICE, dtype), down.to(DEVICE, wdtype), up.to(DEVICE, wdtype),
+                torch.tensor(rows, dtype=torch.int32, device=DEVICE), rs.to(DEVICE), values.to(DEVICE))
+        lay = GatherLayout.of(rows)
+        assert steer_triton._col_align(args[1], lay) == 16 // args[1].element_size()
+        check(gather_triton(*args, layout=lay), *args)
+
+
 def test_steer_bank_layout_drives_the_kernel():
     """A SteerBank packed as on CUDA (factored, ranks 1, 3 and 64) hands the kernel its host-side
     layout (no cols read-back): the kernel and the torch op on the bank against float64."""
@@ -538,6 +564,10 @@ def launch_cases() -> list[tuple[str, dict, steer_triton._Config | None]]:
         for b in range(1, WARM["max_batch"] + 1):
             cases.append(("warm_up", dict(b=b, s=s, d=WARM["d"], bank=WARM["bank"], dtype=torch.float32,
                                           wdtype=torch.float32), None))
+    for dt, wdt in DTYPES[:2]:
+        # the same launch shape as the padded bank's: C = 80, largest K*r 32, 16-aligned starts
+        cases.append(("padded_bank", dict(b=7, s=2, d=40, steers=[(8, 2), (16, 1), (16, 2), (16, 1)], dtype=dt,
+                                          wdtype=wdt, rs64=True), None))
     cases.append(("degenerate", dict(b=3, s=2, d=20, bank="many", dtype=torch.float32, wdtype=torch.float32,
                                      rs64=True), None))
     cases.append(("cuda_graph", dict(b=33, s=2, d=128, bank="aligned", dtype=torch.bfloat16, wdtype=torch.bfloat16,
