@@ -705,8 +705,8 @@ def _warm_inputs(down: torch.Tensor, b: int, s: int, max_dims: int,
 def _variants(down: torch.Tensor, up: torch.Tensor, cols: torch.Tensor, layout: GatherLayout, max_dims: int,
               max_batch: int, max_steers: int, hidden_dtype: torch.dtype, target: _Target):
     """(batch, slots, launch keys) of the first batch shape that needs each new set of variants
-    (the keys follow from the config: one plan, on meta tensors, per distinct config)."""
-    configs: set[_Config] = set()
+    (the keys follow from the config and S > 1: one plan, on meta tensors, per distinct pair)."""
+    configs: set[tuple[_Config, bool]] = set()
     meta_down = torch.empty_strided(down.shape, down.stride(), dtype=down.dtype, device="meta")
     meta_up = torch.empty_strided(up.shape, up.stride(), dtype=up.dtype, device="meta")
     meta_cols = torch.empty_strided(cols.shape, cols.stride(), dtype=cols.dtype, device="meta")
@@ -714,9 +714,9 @@ def _variants(down: torch.Tensor, up: torch.Tensor, cols: torch.Tensor, layout: 
         for b in range(1, max_batch + 1):
             hidden, row_steer, row_values, out = _warm_inputs(meta_down, b, s, max_dims, hidden_dtype)
             cfg = _default_config(hidden, meta_down, row_steer, layout, target)
-            if cfg in configs:
+            if (cfg, s > 1) in configs:  # the config and S > 1 (MULTI) make the keys
                 continue
-            configs.add(cfg)
+            configs.add((cfg, s > 1))
             yield b, s, [launch.key for launch in _plan(hidden, meta_down, meta_up, meta_cols, row_steer, row_values,
                                                         out, layout, cfg, target, _interpreting())]
 
