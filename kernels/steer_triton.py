@@ -472,8 +472,10 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     if split_k > 1:
         block_d = 128
     block_r = 32 if w_size == 4 else 64
-    if multi and block_m == 64:  # S > 1: the expand's second (fp32 partial) store needs the registers
-        block_d, block_r = 64, 32
+    if w_size == 4 and block_m >= 32:  # fp32 weights: the tf32 splits of both operands need the registers
+        block_d = 64
+    if multi and (block_m == 64 or split_k > 1):  # S > 1: the expand's second (fp32 partial) store too
+        block_d, block_r = min(block_d, 64 if block_m == 64 else 128), 32
     while block_r > 16 and block_r * (split_k * block_m * 4 + block_d * w_size) > stage_cap:
         block_r //= 2
     return _Config(block_m, block_c, block_k, split_k, block_d, block_r,
