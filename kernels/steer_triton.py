@@ -57,10 +57,11 @@ to 32, else 64: at most 4 MMA row-blocks wasted per chunk, cheap because the op 
 not FLOPs). Shrink tiles of 2*BLOCK_M columns; where the batch's chunks times column tiles give
 too few items for the SMs even with one steer, a split over D (8 partials for 16-pair chunks, 4 for
 32; only while the expand's re-reads of the partials stay small: 16 pairs or fewer, or a steer of
-2 MB or less), else BLOCK_M-wide column tiles. Expand tiles of 128 D columns (64 for 16-pair
-chunks without a split; 64 with 32-row steps for 64-pair chunks when S > 1, whose second store
-needs the registers) over steps of 64 (fp32: 32) rows of `up`. The compile test checks that these
-defaults spill no registers on sm_80 and sm_90.
+2 MB or less), else BLOCK_M-wide column tiles. Expand tiles of 128 D columns over steps of 64
+(fp32: 32) rows of `up`, narrower where registers run out: 64 columns for 16-pair chunks without a
+split, for fp32 weights from 32-pair chunks and for 64-pair chunks when S > 1 (the second, fp32
+partial store), 32-row steps when S > 1 with 64-pair chunks or a split. The compile test checks
+that these defaults spill no registers on sm_80 and sm_90 under both Tritons.
 
 Pipelining and shared memory. Every main loop (the shrink's D loop, the expand's R loop) streams
 its weight tiles through Triton's software pipeline (cp.async on sm_80/sm_90; the stage count
