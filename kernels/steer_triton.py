@@ -412,7 +412,7 @@ _FIN_BLOCK_M = 16
 _FIN_BLOCK_D = 128
 _FIN_WARPS = 4
 _SMALL_WEIGHTS = 2 << 20  # bytes of one steer's down (or up) under which the op is launch-latency bound
-_SPLIT_K = 8  # the one split over D the heuristic uses (one extra variant per bucket)
+_SPLIT_K = 8  # the split over D for 16-pair chunks (half of it for 32-pair ones): one extra variant per bucket
 # Pair buckets: (most pairs, BLOCK_M, expand BLOCK_D). Few buckets, few compiled variants.
 _BUCKETS = ((16, 16, 64), (32, 32, 128), (1 << 62, 64, 128))
 
