@@ -56,11 +56,12 @@ largest K*r, the dtypes and alignment, and whether S > 1). BLOCK_M from P (16 up
 to 32, else 64: at most 4 MMA row-blocks wasted per chunk, cheap because the op is bound by bytes,
 not FLOPs). Shrink tiles of 2*BLOCK_M columns; where the batch's chunks times column tiles give
 too few items for the SMs even with one steer, a split over D (8 partials for 16-pair chunks, 4 for
-32; only while the expand's re-reads of the partials stay small: 16 pairs or fewer, or a steer of
-2 MB or less), else BLOCK_M-wide column tiles. Expand tiles of 128 D columns over steps of 64
-(fp32: 32) rows of `up`, narrower where registers run out: 64 columns for 16-pair chunks without a
-split, for fp32 weights from 32-pair chunks and for 64-pair chunks when S > 1 (the second, fp32
-partial store), 32-row steps when S > 1 with 64-pair chunks or a split. The compile test checks
+bigger ones; only while the expand's re-reads of the partials stay small: 16 pairs or fewer, or a
+steer of 2 MB or less), and BLOCK_M-wide column tiles. Expand tiles of 128 D columns over steps of
+64 (fp32: 32) rows of `up`, narrower where registers run out: 64 columns for 16-pair chunks without
+a split, for fp32 weights from 32-pair chunks and for 64-pair chunks when S > 1 (the second, fp32
+partial store) or under a split, 32-row steps for 64-pair chunks under a split and when S > 1 with
+64-pair chunks or a split. The compile test checks
 that these defaults spill no registers on sm_80 and sm_90 under both Tritons.
 
 Pipelining and shared memory. Every main loop (the shrink's D loop, the expand's R loop) streams
@@ -412,7 +413,7 @@ _FIN_BLOCK_M = 16
 _FIN_BLOCK_D = 128
 _FIN_WARPS = 4
 _SMALL_WEIGHTS = 2 << 20  # bytes of one steer's down (or up) under which the op is launch-latency bound
-_SPLIT_K = 8  # the split over D for 16-pair chunks (half of it for 32-pair ones): one extra variant per bucket
+_SPLIT_K = 8  # the split over D for 16-pair chunks (half of it for bigger ones): one extra variant per bucket
 # Pair buckets: (most pairs, BLOCK_M, expand BLOCK_D). Few buckets, few compiled variants.
 _BUCKETS = ((16, 16, 64), (32, 32, 128), (1 << 62, 64, 128))
 
@@ -446,7 +447,7 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     rows again). If one steer on every
     row would give fewer items than 3/4 of the SMs, split over D into 8 (its partials are re-read
     by every D tile of the expand: only for 16 pairs or fewer, or weights of 2 MB or less, where
-    the op is latency bound anyway), else narrow BLOCK_C to BLOCK_M. fp32 weights take shorter
+    the op is latency bound anyway), and narrow BLOCK_C to BLOCK_M. fp32 weights take shorter
     tiles (their tf32 hi/lo splits need the registers); rows that cannot load in 16-byte vectors
     32-deep ones. multi (S > 1, rows may name several steers): 64x32 expand steps for 64-pair
     chunks. Expand: 8 warps from 32-pair chunks or a split over D on (4 spill registers)."""
@@ -458,11 +459,10 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     split_k = 1
     if chunks * triton.cdiv(max_cols, block_c) < enough:
         small = d * max_cols * w_size <= _SMALL_WEIGHTS
-        split = _SPLIT_K if block_m == 16 else _SPLIT_K // 2  # 4 for 32-pair chunks: the expand's registers
-        if (p <= 16 or small) and block_m <= 32 and d >= 2 * 64 * split:
+        split = _SPLIT_K if block_m == 16 else _SPLIT_K // 2  # 4 for bigger chunks: the expand's registers
+        if (p <= 16 or small) and d >= 2 * 64 * split:
             split_k = split
-        else:
-            block_c = max(16, min(block_c, block_m))
+        block_c = max(16, min(block_c, block_m))
     block_k = 64 if split_k > 1 or w_size == 4 else 256 if block_m == 16 else 128
     if w_size == 4 and block_m == 64:
         block_k = 32
@@ -471,8 +471,8 @@ def _pick_config(p: int, d: int, max_cols: int, target: _Target, h_size: int = 2
     while block_k > 32 and block_k * (block_m * h_size + block_c * w_size) > stage_cap:
         block_k //= 2
     if split_k > 1:
-        block_d = 128
-    block_r = 32 if w_size == 4 else 64
+        block_d = 64 if block_m == 64 else 128
+    block_r = 32 if w_size == 4 or (split_k > 1 and block_m == 64) else 64
     if w_size == 4 and block_m >= 32:  # fp32 weights: the tf32 splits of both operands need the registers
         block_d = 64
     if multi and (block_m == 64 or split_k > 1):  # S > 1: the expand's second (fp32 partial) store too
