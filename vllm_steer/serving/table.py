@@ -78,10 +78,17 @@ class SteerTable:
         """A new table, without rows yet, serving `served`: `new_files` added, unloaded steers retired
         (kept while recently unloaded or still in use). Nothing here reads a path: the weights and
         headers come from this table's bank and `new_files`, which may have arrived as bytes."""
+        # A steer loaded under the name of one still here (retired: the front end admits no request
+        # for it) replaces it, unless requests admitted before its unload still hold it: they
+        # would change steer mid-generation.
+        held = [n for n in new_files if n in self.bank.index and self.in_use(n)]
+        if held:
+            raise ValueError(f"steer {held[0]!r} was unloaded and requests admitted before that still use it; load it "
+                             "again under this name once they finish, or under another name now")
         now = time.monotonic()
         retired = {n: self.retired.get(n, now) for n in self.bank.names if n not in served.steers}
         retired = {n: t for n, t in retired.items() if now - t < self.RETIRE_GRACE_S or self.in_use(n)}
-        kept = [n for n in self.bank.names if n in served.steers or n in retired]
+        kept = [n for n in self.bank.names if (n in served.steers or n in retired) and n not in new_files]
         bank = self.bank.repacked(kept, new_files)
         steers = {n: self.config.steers.get(n) or served.steers[n] for n in bank.names}
         # The operator's bounds only: bounds_for() adds each steer's own from the headers loaded here.
