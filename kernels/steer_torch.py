@@ -35,6 +35,26 @@ def steer_hidden_gather_torch(
     pairs, steers = pairs[order], steers[order]
     used, counts = torch.unique_consecutive(steers, return_counts=True)
     h = hidden.float()
+    rows = pairs[:, 0]
+    h_pairs, values = h[rows], row_values[rows, pairs[:, 1]].float()  # [P, D], [P, Kmax]
+    parts, start = [], 0
+    for (down_start, k, r, up_start), count in zip(steer_cols[used].tolist(), counts.tolist(), strict=True):
+        hs, vs = h_pairs[start:start + count], values[start:start + count, :k]
+        start += count
+        shrunk = (hs @ down[:, down_start:down_start + k * r].float()).view(count, k, r)
+        if up_start < 0:  # dense: each dim's W_k h is already in the output space (r = D)
+            parts.append(torch.bmm(vs.unsqueeze(1), shrunk).squeeze(1))
+        else:
+            parts.append((shrunk * vs.unsqueeze(2)).view(count, k * r) @ up[up_start:up_start + k * r].float())
+    delta = torch.zeros_like(h).index_add_(0, rows, torch.cat(parts))
+    steered = (row_steer >= 0).any(dim=1)
+    out[steered] = (h[steered] + delta[steered]).to(hidden.dtype)
+    return out
+    steers = row_steer[pairs[:, 0], pairs[:, 1]].long()
+    order = torch.argsort(steers, stable=True)
+    pairs, steers = pairs[order], steers[order]
+    used, counts = torch.unique_consecutive(steers, return_counts=True)
+    h = hidden.float()
     delta = torch.zeros_like(h)
     cols = steer_cols.tolist()
     start = 0

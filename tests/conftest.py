@@ -43,6 +43,13 @@ ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-cachin
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 # The session's steer server also runs the runtime registry, and bounds beta more tightly.
 STEER_SERVER_ARGS = ["--allow-runtime-updates", "--steer-bound", "beta=20"]
+# vLLM's automatic CPU binding wants one NUMA node per process that computes (tensor or pipeline
+# rank, data-parallel engine); this machine has one, so the two processes' OpenMP threads are bound
+# by hand, one allowed core each.
+ALLOWED_CPUS = sorted(os.sched_getaffinity(0))
+two_cores = pytest.mark.skipif(len(ALLOWED_CPUS) < 2,
+                               reason="two ranks or engines on CPU need two cores to bind them to")
+TWO_PROCESS_ENV = {**SERVER_ENV, "VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, ALLOWED_CPUS[:2]))}
 # Large enough that +-5 changes greedy text, small enough that it stays text: at s=5 the
 # steer moves h by roughly a fifth of its norm (eps * s * sigma^2 * sqrt(r * D) ~ 0.2).
 STEER_SIGMA = 0.45
@@ -78,6 +85,34 @@ def steer_paths(tmp_path_factory, output_embedding) -> dict[str, str]:
         paths[name] = str(folder / f"{name}.safetensors")
         steer.save(paths[name])
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, model_dir) -> tuple[Path, torch.nn.Module, SteerFile, Path]:
+    """A random 2-layer Llama (4 heads of 64, 2 KV heads: it splits over 2 ranks and 2 pipeline
+    stages) with the default model's tokenizer, saved as a real checkpoint so HF can recompute the
+    formula; and a steer for it (K=2 with a bias dim), fingerprinted on its output embedding."""
+    import shutil
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    folder = tmp_path_factory.mktemp("tiny_llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=2, max_position_embeddings=2048,
+                         initializer_range=0.1)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, folder / name)
+    g = torch.Generator().manual_seed(3)
+    steer = SteerFile.create(torch.randn(2, 256, 16, generator=g) * 0.5, torch.randn(2, 256, 16, generator=g) * 0.5,
+                             dim_names=["gamma", "bias"], bias_dims={"bias": 1.0}, epsilon=1e-2, base_model="tiny",
+                             fingerprint=embedding_fingerprint(model.get_output_embeddings().weight.detach()))
+    steer_path = tmp_path_factory.mktemp("tiny_steer") / "gamma.safetensors"  # not in the model's folder:
+    steer.save(steer_path)  # vLLM would load every .safetensors file there as weights
+    return folder, model, steer, steer_path
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import SERVER_ENV
+from conftest import SERVER_ENV, TWO_PROCESS_ENV, two_cores
 from prometheus_client.parser import text_string_to_metric_families
 from test_serving import LONG_PROMPT, PROMPTS, client, complete, run_alone, run_concurrently
 
@@ -87,7 +86,8 @@ def engines(request, model_dir, steer_paths, tmp_path_factory):
                                  env=SERVER_ENV),
         "spec": ServerProcess(steer_server_command(model, steer_paths, *CPU_SERVER_ARGS, "--speculative-config",
                                                    SPEC_CONFIG), logs / "spec.log", env=SERVER_ENV),
-        "tp2": ServerProcess(steer_server_command(model, steer_paths, *TP2_ARGS), logs / "tp2.log", env=TP2_ENV),
+        "tp2": ServerProcess(steer_server_command(model, steer_paths, *TP2_ARGS), logs / "tp2.log",
+                             env=TWO_PROCESS_ENV),
     }
     for proc in procs.values():
         proc.start()
@@ -416,40 +416,7 @@ def test_fingerprint_check_on_vocab_shards(output_embedding):
 
 # ---------------------------------------------------------------------------- TP=2 on a model that splits
 
-# vLLM's automatic CPU binding wants one NUMA node per rank; this machine has one, so the
-# two ranks' OpenMP threads are bound by hand, one allowed core each.
-ALLOWED_CPUS = sorted(os.sched_getaffinity(0))
-tp2_only = pytest.mark.skipif(len(ALLOWED_CPUS) < 2, reason="TP=2 on CPU needs two cores to bind the ranks to")
-TP2_ENV = {**SERVER_ENV, "VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, ALLOWED_CPUS[:2]))}
 TP2_ARGS = [*CPU_SERVER_ARGS, "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, model_dir) -> tuple[Path, torch.nn.Module, SteerFile, Path]:
-    """A random 2-layer Llama (4 heads of 64, 2 KV heads: it splits over 2 ranks) with the
-    default model's tokenizer, saved as a real checkpoint so HF can recompute the formula;
-    and a steer for it (K=2 with a bias dim), fingerprinted on its output embedding."""
-    import shutil
-
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    folder = tmp_path_factory.mktemp("tiny_llama")
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=True,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=2, max_position_embeddings=2048,
-                         initializer_range=0.1)
-    model = LlamaForCausalLM(config).eval()
-    model.save_pretrained(folder)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(model_dir / name, folder / name)
-    g = torch.Generator().manual_seed(3)
-    steer = SteerFile.create(torch.randn(2, 256, 16, generator=g) * 0.5, torch.randn(2, 256, 16, generator=g) * 0.5,
-                             dim_names=["gamma", "bias"], bias_dims={"bias": 1.0}, epsilon=1e-2, base_model="tiny",
-                             fingerprint=embedding_fingerprint(model.get_output_embeddings().weight.detach()))
-    steer_path = tmp_path_factory.mktemp("tiny_steer") / "gamma.safetensors"  # not in the model's folder:
-    steer.save(steer_path)  # vLLM would load every .safetensors file there as weights
-    return folder, model, steer, steer_path
 
 
 def steer_off_in_rank_1_rows(tiny_model, path: Path) -> int:
@@ -465,7 +432,7 @@ def steer_off_in_rank_1_rows(tiny_model, path: Path) -> int:
     return row
 
 
-@tp2_only
+@two_cores
 def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path):
     """vLLM's CPU backend runs tensor-parallel size 2 here once its OpenMP threads are bound
     by hand. On a model that splits over 2 ranks, the steered logprobs served with TP=2 equal
@@ -473,27 +440,16 @@ def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path):
     test), unsteered included: each rank steers the replicated hidden state itself. A runtime
     load of a steer that only rank 1 can tell is wrong is refused by all ranks (400), and the
     server then answers exactly as before."""
-    from test_serving import hf_steered_logprobs
+    from test_serving import served_vs_formula
     from transformers import AutoTokenizer
 
     folder, model, steer, steer_path = tiny_model
     tokenizer = AutoTokenizer.from_pretrained(folder)
     command = steer_server_command(str(folder), {"gamma": str(steer_path)}, *TP2_ARGS, "--allow-runtime-updates")
-    with ServerProcess(command, tmp_path / "tp2.log", env=TP2_ENV) as server:
+    with ServerProcess(command, tmp_path / "tp2.log", env=TWO_PROCESS_ENV) as server:
         assert "tensor_parallel_size=2" in server.log_tail(200_000)
-        worst, smallest_effect = 0.0, float("inf")
-        for prompt in PROMPTS:
-            ids = tokenizer(prompt)["input_ids"]
-            for xargs in ({"steer_gamma": 5}, {"steer_gamma": [-3, 1]}, None):
-                choice = complete(server, ids, xargs, max_tokens=8, logprobs=1).choices[0]
-                gen = [int(t.split(":")[1]) for t in choice.logprobs.tokens]
-                ref = hf_steered_logprobs(model, ids + gen, {"gamma": steer}, xargs or {})
-                unsteered = hf_steered_logprobs(model, ids + gen, {"gamma": steer}, {})
-                for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs, strict=True)):
-                    pos = len(ids) - 1 + i
-                    worst = max(worst, abs(lp - ref[pos, tok].item()))
-                    if xargs:
-                        smallest_effect = min(smallest_effect, abs(ref[pos] - unsteered[pos]).max().item())
+        worst, smallest_effect = served_vs_formula(server, model, tokenizer, {"gamma": steer},
+                                                   [{"steer_gamma": 5}, {"steer_gamma": [-3, 1]}, None])
         ids = tokenizer(PROMPTS[0])["input_ids"]
         before = complete(server, ids, {"steer_gamma": 5}, max_tokens=8, logprobs=1).choices[0]
         row = steer_off_in_rank_1_rows(tiny_model, tmp_path / "off.safetensors")
@@ -508,7 +464,7 @@ def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path):
     assert smallest_effect > 0.1, smallest_effect
 
 
-@tp2_only
+@two_cores
 def test_tensor_parallel_2_rank_1_checks_its_own_vocab_shard(tiny_model, tmp_path):
     """A fingerprint that is wrong only in a row of the second half of the vocabulary (held
     by rank 1 alone) stops a TP=2 start-up with the fingerprint error: rank 1 checks its
@@ -516,7 +472,7 @@ def test_tensor_parallel_2_rank_1_checks_its_own_vocab_shard(tiny_model, tmp_pat
     folder = tiny_model[0]
     row = steer_off_in_rank_1_rows(tiny_model, tmp_path / "off.safetensors")
     command = steer_server_command(str(folder), {"off": str(tmp_path / "off.safetensors")}, *TP2_ARGS)
-    proc = ServerProcess(command, tmp_path / "tp2_off.log", env=TP2_ENV).start()
+    proc = ServerProcess(command, tmp_path / "tp2_off.log", env=TWO_PROCESS_ENV).start()
     refused_at = None
     try:
         deadline = time.monotonic() + 400

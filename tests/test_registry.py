@@ -150,3 +150,31 @@ def test_load_and_unload_routes_need_the_operator_opt_in(monkeypatch):
     assert {"/v1/steers"} <= paths(False) and not {"/v1/load_steer", "/v1/unload_steer"} & paths(False)
     assert {"/v1/steers", "/v1/load_steer", "/v1/unload_steer"} <= paths(True)
     assert client  # the HTTP side is exercised above on the real server
+
+
+def test_a_steer_loaded_again_under_a_retired_name():
+    """An unloaded steer stays retired while requests admitted before hold it. Loading a new file
+    under its name replaces it once nothing holds it, and is refused (changing nothing) while a
+    request still does: that request would otherwise change steer mid-generation."""
+    from types import SimpleNamespace
+
+    from vllm_steer import SteerConfig
+    from vllm_steer.serving.table import SteerTable
+    from vllm_steer.steer.formula import SteerBank
+
+    old, new = random_steer(["gamma"], 4, 1, None), random_steer(["gamma"], 4, 2, None)
+    alpha = random_steer(["alpha"], 4, 3, None)
+    both = SteerConfig({"alpha": "a.safetensors", "gamma": "g.safetensors"})
+    table = SteerTable(both, SteerBank.pack({"alpha": alpha, "gamma": old}), 4, torch.device("cpu"))
+    table.set(0, SimpleNamespace(extra_args={"steer_gamma": 3.0}))
+    unloaded = table.with_steers(both.without_steer("gamma"), {})
+    unloaded.carry_rows_from(table)
+    assert unloaded.retired.keys() == {"gamma"} and unloaded.in_use("gamma")
+
+    with pytest.raises(ValueError, match="'gamma' was unloaded and requests admitted before that still use it"):
+        unloaded.with_steers(both, {"gamma": new})
+    unloaded.clear(0)
+    reloaded = unloaded.with_steers(both, {"gamma": new})
+    assert reloaded.bank.names.count("gamma") == 1 and not reloaded.retired
+    down, _ = reloaded.bank.weights("gamma")
+    assert torch.equal(down, new.projector1[0].float())

@@ -41,6 +41,7 @@ def stand_in_config(v2: bool, max_num_seqs: int = 8):
         model_config=SimpleNamespace(get_hidden_size=lambda: 576, get_vocab_size=lambda: 49152),
         scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
         speculative_config=None,
+        additional_config={},
     )
 
 

@@ -75,6 +75,41 @@ def hf_steered_logprobs(model, ids: list[int], steers: dict[str, SteerFile], xar
         return torch.log_softmax(logits, dim=-1)
 
 
+def served_vs_formula(server, model, tokenizer, steers: dict[str, SteerFile], cases: list[dict | None],
+                      prompts: list[str] = PROMPTS, concurrently: bool = False) -> tuple[float, float]:
+    """Each prompt under each case (vllm_xargs; None: unsteered), 8 greedy tokens with logprobs,
+    one request at a time or all at once: (the largest |served logprob - the float64 formula|, the
+    smallest steer effect: at each steered position the largest |steered - unsteered| formula
+    logprob over the vocabulary, the smallest over positions)."""
+    jobs = [(tokenizer(p)["input_ids"], xargs) for p in prompts for xargs in cases]
+    if concurrently:
+        async def all_at_once():
+            aclient = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0)
+            model_id = (await aclient.models.list()).data[0].id
+            try:
+                return await asyncio.gather(*(aclient.completions.create(
+                    model=model_id, prompt=ids, max_tokens=8, temperature=0, logprobs=1,
+                    extra_body={"return_tokens_as_token_ids": True, **({"vllm_xargs": x} if x else {})})
+                    for ids, x in jobs))
+            finally:
+                await aclient.close()
+
+        choices = [r.choices[0] for r in asyncio.run(all_at_once())]
+    else:
+        choices = [complete(server, ids, xargs, max_tokens=8, logprobs=1).choices[0] for ids, xargs in jobs]
+    worst, smallest_effect = 0.0, math.inf
+    for (ids, xargs), choice in zip(jobs, choices, strict=True):
+        gen = token_ids(choice)
+        ref = hf_steered_logprobs(model, ids + gen, steers, xargs or {})
+        unsteered = hf_steered_logprobs(model, ids + gen, steers, {})
+        for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs, strict=True)):
+            pos = len(ids) - 1 + i
+            worst = max(worst, abs(lp - ref[pos, tok].item()))
+            if xargs:
+                smallest_effect = min(smallest_effect, abs(ref[pos] - unsteered[pos]).max().item())
+    return worst, smallest_effect
+
+
 def test_logprobs_match_hf_formula(servers, hf_model, steer_paths):
     """The plugin's logprobs equal the paper's formula computed with HF transformers.
 
@@ -83,18 +118,7 @@ def test_logprobs_match_hf_formula(servers, hf_model, steer_paths):
     the steer's own effect on the same logprobs is asserted to be far larger."""
     model, tokenizer = hf_model
     steers = {name: SteerFile.load(path) for name, path in steer_paths.items()}
-    worst, smallest_effect = 0.0, math.inf
-    for prompt in PROMPTS:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        for xargs in STEER_CASES:
-            choice = complete(servers["steer"], prompt_ids, xargs, max_tokens=8, logprobs=1).choices[0]
-            gen = token_ids(choice)
-            ref = hf_steered_logprobs(model, prompt_ids + gen, steers, xargs)
-            unsteered = hf_steered_logprobs(model, prompt_ids + gen, steers, {})
-            for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs, strict=True)):
-                pos = len(prompt_ids) - 1 + i
-                worst = max(worst, abs(lp - ref[pos, tok].item()))
-                smallest_effect = min(smallest_effect, abs(ref[pos] - unsteered[pos]).max().item())
+    worst, smallest_effect = served_vs_formula(servers["steer"], model, tokenizer, steers, STEER_CASES)
     assert worst < 2e-3, f"largest |logprob difference| vs the HF formula: {worst}"
     assert smallest_effect > 20 * 2e-3, f"steer too weak for the test to mean anything: {smallest_effect}"
 

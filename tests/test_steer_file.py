@@ -71,6 +71,30 @@ def test_malformed_files_are_refused_with_the_reason(tmp_path, mutate, message):
     with pytest.raises(SteerFileError, match="bad.safetensors") as err:
         SteerFile.load(tmp_path / "bad.safetensors")
     assert message in str(err.value)
+    # The same checks on the file's bytes (what a runtime load sends to the workers).
+    with pytest.raises(SteerFileError, match="sent by the front end") as err:
+        SteerFile.from_bytes((tmp_path / "bad.safetensors").read_bytes(), where="sent by the front end")
+    assert message in str(err.value)
+
+
+def test_from_bytes_reads_what_load_reads(tmp_path):
+    steer = make_steer(bias_dims={"bias": 1.0}, fingerprint=embedding_fingerprint(torch.randn(100, 24)))
+    steer.save(tmp_path / "s.safetensors")
+    back = SteerFile.from_bytes((tmp_path / "s.safetensors").read_bytes())
+    assert back.header == SteerFile.load(tmp_path / "s.safetensors").header == steer.header
+    assert torch.equal(back.projector1, steer.projector1) and torch.equal(back.projector2, steer.projector2)
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "0 bytes"), (b"\x05\x00\x00\x00\x00\x00\x00\x00{}", "header length 5"),
+    ((2**62).to_bytes(8, "little") + b"{}", "header length"),
+    ((9).to_bytes(8, "little") + b"not json!", "header"),
+    ((31).to_bytes(8, "little") + b'{"__metadata__": {"format": 3}}', "not a string map"),
+])
+def test_garbage_bytes_are_refused(data, message):
+    with pytest.raises(SteerFileError, match="not a readable safetensors file") as err:
+        SteerFile.from_bytes(data)
+    assert message in str(err.value)
 
 
 def test_non_safetensors_input_never_unpickles(tmp_path):
@@ -84,6 +108,8 @@ def test_non_safetensors_input_never_unpickles(tmp_path):
     torch.save({"x": Boom()}, tmp_path / "evil.safetensors")
     with pytest.raises(SteerFileError, match="not a readable safetensors file"):
         SteerFile.load(tmp_path / "evil.safetensors")
+    with pytest.raises(SteerFileError, match="not a readable safetensors file"):
+        SteerFile.from_bytes((tmp_path / "evil.safetensors").read_bytes())
     assert not marker.exists()
 
 

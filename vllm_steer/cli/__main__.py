@@ -2,4 +2,5 @@
 
 from . import main
 
-main()
+if __name__ == "__main__":  # vLLM's launcher spawns processes that re-import the main module
+    main()

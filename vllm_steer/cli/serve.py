@@ -6,19 +6,21 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import replace
 
 from vllm_steer.serving.config import (
     DEFAULT_MAX_ABS_VALUE,
+    DEFAULT_MAX_LOAD_BYTES,
     DEFAULT_MAX_STEERS_PER_REQUEST,
     NAME_PATTERN,
     RUNTIME_UPDATES_ENV,
     SteerConfig,
+    steer_set_digest,
 )
 from vllm_steer.serving.cpu_kv_cache import choose_cpu_kv_cache, is_cpu_build
+from vllm_steer.serving.table import read_steer_files
 
 from .arguments import byte_size, name_value_pairs, steers_in_folder
-
-STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +35,8 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="how many steers one request may compose (default %(default)s)")
     p.add_argument("--steer-memory-budget", type=byte_size, metavar="SIZE",
                    help="refuse to load steers taking more than SIZE (e.g. 512M, 2G) where they are served")
+    p.add_argument("--max-load-size", type=byte_size, default=DEFAULT_MAX_LOAD_BYTES, metavar="SIZE",
+                   help="the largest steer file POST /v1/load_steer accepts (sent to every worker; default 512M)")
     p.add_argument("--max-abs-value", type=float, default=DEFAULT_MAX_ABS_VALUE,
                    help="largest |steer value| a request may ask for (default %(default)s)")
     p.add_argument("--steer-bound", action="append", default=[], metavar="NAME=BOUND",
@@ -44,10 +48,10 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
-    """Start vLLM's OpenAI-compatible server with the steers loaded. Runs the server module
-    directly: the CPU wheel's `vllm serve` cannot find its own distribution. On the CPU build the
-    KV cache is sized to the model and the operator's limits unless the operator sized it."""
-    from vllm_steer.steer.file import SteerFile
+    """Start vLLM's OpenAI-compatible server with the steers loaded (see serving/launch.py for how:
+    vLLM's server module for one API server, vLLM's own `vllm serve` dispatcher otherwise). On the
+    CPU build the KV cache is sized to the model and the operator's limits unless the operator sized it."""
+    from vllm_steer.serving.launch import launch, plan_launch, prepare_environment
 
     steers = name_value_pairs(args.steer, "--steer", "NAME=PATH")
     for folder in args.steer_dir:
@@ -60,28 +64,33 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
             steers[name] = path
     config = SteerConfig(steers=steers, bounds=name_value_pairs(args.steer_bound, "--steer-bound", "NAME=BOUND", float),
                          max_abs_value=args.max_abs_value, max_steers_per_request=args.max_steers_per_request,
-                         memory_budget=args.steer_memory_budget)
+                         memory_budget=args.steer_memory_budget, max_load_bytes=args.max_load_size)
+    # Fail here, in a second, rather than after the engine starts.
+    loaded = read_steer_files(config, list(config.steers))
     total = 0
-    for name, path in config.steers.items():
-        steer = SteerFile.load(path)  # fail here, in a second, rather than after the engine starts
+    for name, (steer, sha) in loaded.items():
         size = sum(t.numel() * t.element_size() for t in (steer.projector1, steer.projector2))
         total += size
-        print(f"vllm-steer: steer {name!r} <- {path} (|value| <= {config.value_bounds[name]:g}, "
-              f"{size / 2**20:.2f} MiB in the file)", file=sys.stderr)
-    print(f"vllm-steer: {len(config.steers)} steers, {total / 2**20:.1f} MiB in their files", file=sys.stderr)
+        print(f"vllm-steer: steer {name!r} <- {config.steers[name]} (sha256 {sha[:12]}, |value| <= "
+              f"{config.value_bounds[name]:g}, {size / 2**20:.2f} MiB in the file)", file=sys.stderr)
+    digest = steer_set_digest(config, {name: sha for name, (_, sha) in loaded.items()})
+    print(f"vllm-steer: {len(config.steers)} steers, {total / 2**20:.1f} MiB in their files; steer set "
+          f"{digest[:16]} (every worker checks that it loaded this set)", file=sys.stderr)
+    plan = plan_launch(args.model, vllm_args, digest, args.allow_runtime_updates)
     config.export()
     if args.steer_endpoints or args.allow_runtime_updates:
         os.environ["VLLM_PLUGINS"] = plugins_allowlist_with_steer_endpoints(os.environ.get("VLLM_PLUGINS"))
     if args.allow_runtime_updates:
         os.environ[RUNTIME_UPDATES_ENV] = "1"
+    ray_line = prepare_environment()
+    for note in [*plan.notes, *([ray_line] if plan.uses_ray else [])]:
+        print(note, file=sys.stderr)
     if is_cpu_build():
         # vLLM's CPU worker would otherwise fill gpu_memory_utilization x the machine's memory with KV cache.
-        choice = choose_cpu_kv_cache(args.model, vllm_args)
+        choice = choose_cpu_kv_cache(args.model, plan.argv)
         print(choice.message, file=sys.stderr, flush=True)
-        vllm_args = [*vllm_args, *choice.args]
-    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", args.model,
-            "--logits-processors", STATE_PROCESSOR, *vllm_args]
-    os.execv(sys.executable, argv)
+        plan = replace(plan, argv=[*plan.argv, *choice.args])
+    launch(args.model, plan)
 
 
 def plugins_allowlist_with_steer_endpoints(current: str | None) -> str:

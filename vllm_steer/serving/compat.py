@@ -19,7 +19,7 @@ from vllm_steer.steer.values import SteerRequestError, has_steer_keys
 
 from .layer import SteeredLogitsLayer
 from .metrics import METRICS
-from .registry import WORKER_METHOD, reconfigure_worker
+from .registry import WORKER_METHODS
 from .step import STEP
 
 SUPPORTED_VLLM = ("0.32.",)
@@ -41,9 +41,34 @@ def check_vllm_internals() -> None:
         raise RuntimeError("vLLM MoveDirectionality members changed")
     from vllm.distributed import parallel_state
 
-    for name in ("model_parallel_is_initialized", "get_tp_group"):
+    for name in ("model_parallel_is_initialized", "get_tp_group", "get_pp_group"):
         if not hasattr(parallel_state, name):
             raise RuntimeError(f"vLLM parallel_state.{name} is missing")
+
+
+def check_launcher_internals() -> None:
+    """What `vllm-steer serve` calls to start several API servers or data-parallel engines: vLLM's
+    own `vllm serve` dispatcher (the CPU wheel's `vllm` console script fails on its distribution
+    name, so the dispatcher is called in-process)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers import cli_args
+    from vllm.entrypoints.serve.utils import api_utils
+
+    for owner, name in ((cli_args, "make_arg_parser"), (api_utils, "cli_env_setup"),
+                        (ServeSubcommand, "cmd"), (ServeSubcommand, "validate")):
+        if not callable(getattr(owner, name, None)):
+            raise RuntimeError(f"vLLM's serve launcher changed: {getattr(owner, '__name__', owner)}.{name} is missing")
+    expect_params(ServeSubcommand.cmd, ["args"])
+
+
+def pipeline_stage() -> tuple[int, int]:
+    """(this worker's pipeline stage, the number of stages); (0, 1) outside a distributed run."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    group = parallel_state.get_pp_group()
+    return group.rank_in_group, group.world_size
 
 
 def expect_params(fn: object, expected: list[str]) -> None:
@@ -76,11 +101,12 @@ def register_plugin() -> None:
     PluggableLayer.register_oot(SteeredLogitsLayer, name=OOT_LAYER_NAME)
     install_beam_search_refusal()
     install_load_model_hook()
-    # The engine-side half of the runtime registry: a worker method collective_rpc can name
+    # The engine-side half of the runtime registry: worker methods collective_rpc can name
     # (callables would need VLLM_ALLOW_INSECURE_SERIALIZATION).
     from vllm.v1.worker.worker_base import WorkerBase
 
-    setattr(WorkerBase, WORKER_METHOD, reconfigure_worker)
+    for name, method in WORKER_METHODS.items():
+        setattr(WorkerBase, name, method)
 
 
 def install_beam_search_refusal() -> None:

@@ -19,9 +19,21 @@ from vllm_steer.steer.file import SteerHeader, read_header
 ENV_VAR = "VLLM_STEER_CONFIG"
 # Opt-in for POST /v1/load_steer and /v1/unload_steer, as vLLM gates runtime LoRA updates.
 RUNTIME_UPDATES_ENV = "VLLM_STEER_ALLOW_RUNTIME_UPDATES"
+# Every variable a vLLM process of a steered server reads (VLLM_PLUGINS: the opt-in for the routes).
+STEER_ENV_VARS = (ENV_VAR, RUNTIME_UPDATES_ENV, "VLLM_PLUGINS")
+# vLLM's Ray executors copy the names listed here to their workers on every node, in addition to
+# what they copy by prefix (comma-separated; the operator's own entries are kept).
+RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
+# The key of vLLM's --additional-config (which travels inside the engine configuration to every
+# engine core and worker, on every node) under which `vllm-steer serve` puts the steer set's digest.
+ADDITIONAL_CONFIG_KEY = "vllm_steer"
+DIGEST_KEY = "steer_set_sha256"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
 DEFAULT_MAX_ABS_VALUE = 50.0
 DEFAULT_MAX_STEERS_PER_REQUEST = 4
+# The largest steer file a runtime load accepts: its bytes travel to every worker (a rank-D
+# reference steer of a 4096-wide model takes 128 MiB in float32).
+DEFAULT_MAX_LOAD_BYTES = 512 * 2**20
 # Above this size the configuration travels in a file named by the environment variable ("@PATH"):
 # one environment string may not exceed 128 KiB on Linux (about 1,500 steer paths).
 ENV_INLINE_LIMIT = 120 * 1024
@@ -32,13 +44,15 @@ class SteerConfig:
     """steers: name -> steer file path; max_abs_value: the largest |value| a request may ask
     for; bounds: the operator's tighter or looser bound for particular steers;
     max_steers_per_request: how many steers one request may compose; memory_budget: the most
-    bytes the loaded steers may take where they are served (None: no limit)."""
+    bytes the loaded steers may take where they are served (None: no limit); max_load_bytes: the
+    largest steer file a runtime load accepts."""
 
     steers: dict[str, str] = field(default_factory=dict)
     max_abs_value: float = DEFAULT_MAX_ABS_VALUE
     bounds: dict[str, float] = field(default_factory=dict)
     max_steers_per_request: int = DEFAULT_MAX_STEERS_PER_REQUEST
     memory_budget: int | None = None
+    max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steers", {n: str(Path(p).resolve()) for n, p in self.steers.items()})
@@ -55,6 +69,9 @@ class SteerConfig:
             raise ValueError(f"max_steers_per_request must be a positive integer, got {self.max_steers_per_request}")
         if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget > 0):
             raise ValueError(f"the steer memory budget must be a positive number of bytes, got {self.memory_budget}")
+        if not (isinstance(self.max_load_bytes, int) and self.max_load_bytes > 0):
+            raise ValueError(f"the largest steer file to load must be a positive number of bytes, "
+                             f"got {self.max_load_bytes}")
 
     @cached_property
     def value_bounds(self) -> dict[str, float]:
@@ -67,17 +84,26 @@ class SteerConfig:
         return {name: self.bounds.get(name) or header.max_abs_value or self.max_abs_value
                 for name, header in catalog.items()}
 
-    def with_steer(self, name: str, path: str, bound: float | None = None) -> SteerConfig:
+    def with_steer(self, name: str, path: str, bound: float | None = None,
+                   header: SteerHeader | None = None) -> SteerConfig:
+        """This set plus one steer; `header`: the new steer's, already read (the headers already
+        read are carried over, so nothing is read again from a path)."""
         if name in self.steers:
             raise ValueError(f"a steer named {name!r} is already loaded")
         bounds = {**self.bounds, **({name: bound} if bound is not None else {})}
-        return replace(self, steers={**self.steers, name: path}, bounds=bounds)
+        new = replace(self, steers={**self.steers, name: path}, bounds=bounds)
+        if header is not None and "catalog" in self.__dict__:
+            new.__dict__["catalog"] = {**self.catalog, name: header}
+        return new
 
     def without_steer(self, name: str) -> SteerConfig:
         if name not in self.steers:
             raise KeyError(name)
-        return replace(self, steers={n: p for n, p in self.steers.items() if n != name},
-                       bounds={n: b for n, b in self.bounds.items() if n != name})
+        new = replace(self, steers={n: p for n, p in self.steers.items() if n != name},
+                      bounds={n: b for n, b in self.bounds.items() if n != name})
+        if "catalog" in self.__dict__:
+            new.__dict__["catalog"] = {n: h for n, h in self.catalog.items() if n != name}
+        return new
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -90,7 +116,8 @@ class SteerConfig:
                        max_abs_value=float(data.get("max_abs_value", DEFAULT_MAX_ABS_VALUE)),
                        bounds={n: float(b) for n, b in data.get("bounds", {}).items()},
                        max_steers_per_request=int(data.get("max_steers_per_request", DEFAULT_MAX_STEERS_PER_REQUEST)),
-                       memory_budget=data.get("memory_budget"))
+                       memory_budget=data.get("memory_budget"),
+                       max_load_bytes=int(data.get("max_load_bytes", DEFAULT_MAX_LOAD_BYTES)))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{ENV_VAR} is not valid steer configuration JSON: {e}") from e
 
@@ -120,6 +147,44 @@ class SteerConfig:
     def catalog(self) -> dict[str, SteerHeader]:
         """Each steer's header (metadata only): what request validation needs."""
         return {name: read_header(path) for name, path in self.steers.items()}
+
+
+def steer_set_digest(config: SteerConfig, file_sha256: dict[str, str]) -> str:
+    """What identifies a served steer set, whichever node reads it: each steer's name and the
+    SHA-256 of its file's bytes, and the settings that decide what requests may ask. Paths are
+    left out (the same files may sit at other paths on other nodes)."""
+    if set(file_sha256) != set(config.steers):
+        raise ValueError(f"file digests for {sorted(file_sha256)}, steers {sorted(config.steers)}")
+    identity = {"steers": dict(sorted(file_sha256.items())), "bounds": dict(sorted(config.bounds.items())),
+                "max_abs_value": config.max_abs_value, "max_steers_per_request": config.max_steers_per_request,
+                "memory_budget": config.memory_budget}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+def with_steer_digest(additional_config: dict | None, digest: str) -> dict:
+    """The operator's --additional-config (a JSON object) with the steer set's digest added under
+    "vllm_steer"; everything else the operator put there is kept."""
+    merged = dict(additional_config or {})
+    ours = merged.get(ADDITIONAL_CONFIG_KEY, {})
+    if not isinstance(ours, dict):
+        raise ValueError(f"--additional-config: {ADDITIONAL_CONFIG_KEY!r} is reserved for vllm-steer and must be a "
+                         f"JSON object, got {ours!r}")
+    merged[ADDITIONAL_CONFIG_KEY] = {**ours, DIGEST_KEY: digest}
+    return merged
+
+
+def expected_steer_digest(additional_config: object) -> str | None:
+    """The steer set digest the front end started with, if it put one in --additional-config."""
+    if not isinstance(additional_config, dict):
+        return None
+    ours = additional_config.get(ADDITIONAL_CONFIG_KEY)
+    return ours.get(DIGEST_KEY) if isinstance(ours, dict) else None
+
+
+def ray_env_vars_to_copy(current: str | None) -> str:
+    """VLLM_RAY_EXTRA_ENV_VARS_TO_COPY naming every steer variable, after the operator's entries."""
+    names = [n.strip() for n in (current or "").split(",") if n.strip()]
+    return ",".join(dict.fromkeys([*names, *STEER_ENV_VARS]))
 
 
 def served_config() -> SteerConfig:

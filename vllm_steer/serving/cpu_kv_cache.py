@@ -123,7 +123,9 @@ def choose_cpu_kv_cache(model: str, vllm_args: list[str], environ: Mapping[str, 
         return KVCacheChoice([], f"vllm-steer: CPU build: KV cache {environ[KV_SPACE_ENV]} GiB, the operator's "
                                  f"{KV_SPACE_ENV}")
     try:
-        namespace = _parse_vllm_args(model, vllm_args)
+        from .launch import parse_vllm_args
+
+        namespace = parse_vllm_args(model, vllm_args)
     except SystemExit:  # vLLM's parser rejected the arguments; vLLM will say why when it parses them itself
         return KVCacheChoice([], "vllm-steer: CPU build: vLLM's parser rejected the arguments; KV cache left to vLLM")
     if namespace.kv_cache_memory_bytes is not None:
@@ -148,15 +150,6 @@ def choose_cpu_kv_cache(model: str, vllm_args: list[str], environ: Mapping[str, 
     return KVCacheChoice(["--kv-cache-memory-bytes", str(size.bytes)], message, size)
 
 
-def _parse_vllm_args(model: str, vllm_args: list[str]):
-    """vLLM's own OpenAI-server parser over the operator's arguments: abbreviations, underscores,
-    human-readable sizes and --config files resolve exactly as vLLM will resolve them."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.utils.argparse_utils import FlexibleArgumentParser
-
-    return make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model, *vllm_args])
-
-
 def _size_from_vllm_config(namespace) -> tuple[KVCacheSize, str]:
     """The size from vLLM's engine config (reads the model's config.json, starts nothing)."""
     from vllm.engine.arg_utils import EngineArgs
@@ -170,7 +163,7 @@ def _size_from_vllm_config(namespace) -> tuple[KVCacheSize, str]:
                                    model.get_head_size(), dtype.itemsize)
     size = size_kv_cache(per_token, cache.block_size or 128, model.max_model_len,
                          config.scheduler_config.max_num_seqs, available_bytes=_available_memory(),
-                         workers=parallel.tensor_parallel_size * parallel.pipeline_parallel_size)
+                         workers=parallel.world_size * (parallel.data_parallel_size_local or 1))
     uniform = not (model.use_mla or model.is_hybrid or model.get_sliding_window() is not None)
     return size, str(dtype).removeprefix("torch.") + ("" if uniform else ", an estimate for this attention layout")
 

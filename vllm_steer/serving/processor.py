@@ -4,6 +4,7 @@ the API front end."""
 
 from __future__ import annotations
 
+import socket
 import time
 
 import torch
@@ -15,8 +16,8 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from vllm_steer.steer.values import SteerRequestError, has_steer_keys, parse_steer_args
 
-from .compat import install_mrv2_sample_hook, register_plugin, require_steered_layer
-from .config import served_config
+from .compat import install_mrv2_sample_hook, pipeline_stage, register_plugin, require_steered_layer
+from .config import ENV_VAR, SteerConfig, expected_steer_digest, served_config, steer_set_digest
 from .metrics import METRICS
 from .step import STEP, logger
 from .table import SteerTable
@@ -64,28 +65,42 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             register_plugin()
             device, _ = runner_args
             capacity = vllm_config.scheduler_config.max_num_seqs
-        config = served_config()
-        began = time.perf_counter()
         self.batch_size = 0
         self.steered = False
         self.staged = False
+        stage, stages = pipeline_stage()
+        # Only the last pipeline stage computes logits (the others hand their activations on): the
+        # others load no steer and do nothing per step.
+        self.active = stage == stages - 1
+        if not self.active:
+            STEP.table = None
+            STEP.idle_stage = f"pipeline stage {stage + 1} of {stages}"
+            logger.info("vllm-steer: %s computes no logits (the last stage steers): no steers loaded here, "
+                        "nothing to do per step", STEP.idle_stage)
+            return
+        config = served_config()
+        began = time.perf_counter()
         STEP.table = SteerTable.load(config, capacity, torch.device(device), vllm_config.model_config.get_hidden_size())
         STEP.vocab_size = vllm_config.model_config.get_vocab_size()
         spec = vllm_config.speculative_config
         STEP.max_rows = capacity * (1 + (spec.num_speculative_tokens if spec else 0))
+        check_steer_set(config, STEP.table.file_sha256, vllm_config.additional_config)
         bank = STEP.table.bank
-        logger.info("vllm-steer: loaded %d steers in %.1f s (%s), up to %d per request; %s",
+        logger.info("vllm-steer: loaded %d steers in %.1f s (%s), up to %d per request; %s%s",
                     len(bank.names), time.perf_counter() - began, ", ".join(bank.names[:8])
                     + (", ..." if len(bank.names) > 8 else ""), config.max_steers_per_request,
-                    "model runner V2" if self.v2 else "legacy model runner")
+                    "model runner V2" if self.v2 else "legacy model runner",
+                    f"; {pipeline_note(stage, stages)}" if stages > 1 else "")
 
     @property
-    def table(self) -> SteerTable:
+    def table(self) -> SteerTable | None:
         # Not kept on self: a runtime load or unload replaces the process's table.
         return STEP.table
 
     # -- legacy model runner (V1 interface): rows of the persistent batch
     def update_state(self, batch_update: BatchUpdate | None) -> None:
+        if not self.active:
+            return
         table = self.table
         if batch_update is not None:
             for row in batch_update.removed:
@@ -109,14 +124,47 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
 
     # -- Model Runner V2 (V2 interface): request slots, recycled without a remove callback
     def add_request(self, req_idx: int, sampling_params: SamplingParams) -> bool:
+        if not self.active:
+            return False
         self.table.set(req_idx, sampling_params)
         self.staged = True
         return False  # apply() edits nothing
 
     def apply_staged_writes(self) -> None:
-        if self.staged:
+        if self.staged and self.active:
             self.table.flush()
             self.staged = False
 
     def apply(self, logits: torch.Tensor, ctx: object = None) -> torch.Tensor:
         return logits
+
+
+def pipeline_note(stage: int, stages: int) -> str:
+    return f"pipeline stage {stage + 1} of {stages} (the last: it computes the logits)"
+
+
+def check_steer_set(config: SteerConfig, file_sha256: dict[str, str], additional_config: object) -> None:
+    """Refuse to start a worker whose steer set differs from the one the front end started with
+    (`vllm-steer serve` puts its digest in --additional-config, which travels inside vLLM's engine
+    configuration, while the steer set itself travels in the environment, which a node may not
+    refresh: vLLM's Ray executor only fills in variables a node's workers lack)."""
+    expected = expected_steer_digest(additional_config)
+    if expected is None:
+        return
+    got = steer_set_digest(config, file_sha256)
+    if got == expected:
+        logger.info("vllm-steer: steer set %s on node %s: the one the front end started with", got[:16],
+                    socket.gethostname())
+        return
+    steers = ", ".join(f"{name} (sha256 {sha[:12]}, {config.steers[name]})"
+                       for name, sha in sorted(file_sha256.items()))
+    raise RuntimeError(
+        f"vllm-steer: the steer set this worker (node {socket.gethostname()}) received is not the one the front end "
+        f"started with: steer set digest {got[:16]} here, {expected[:16]} from the front end (--additional-config "
+        f"{{\"vllm_steer\": ...}}). This worker read {ENV_VAR} = {len(config.steers)} steers: {steers}; bounds "
+        f"{config.bounds}, max |value| {config.max_abs_value:g}, {config.max_steers_per_request} per request. "
+        "Compare them with the front end's start-up lines (`vllm-steer: steer NAME <- PATH (sha256 ...)`). Either "
+        f"this node's environment holds another {ENV_VAR} (vLLM's Ray executor never overwrites a variable a node's "
+        "workers already have: restart that node's Ray from an environment without it), or the files at these paths "
+        "differ on this node: copy the front end's files there. Refusing to start rather than serve other steers "
+        "than the front end admits.")

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_steer.steer.file import SteerFileError
+from vllm_steer.steer.file import SteerFileError, SteerHeader
 from vllm_steer.steer.fingerprint import fingerprint_mismatch
 from vllm_steer.steer.formula import SteerBank
 
-from .config import SteerConfig
 from .table import SteerTable, logger
 
 
@@ -29,6 +28,7 @@ class StepState:
     placement: tuple[torch.device, torch.dtype] | None = None  # the steer basis's device and dtype
     hidden_dtype: torch.dtype | None = None  # the model's hidden state dtype (what the kernels are compiled for)
     max_rows: int = 0  # the most logits rows a step can have (requests x (1 + speculative tokens))
+    idle_stage: str | None = None  # set on a pipeline stage that computes no logits (it steers nothing)
 
     def arm(self, rows: int, steered: bool, row_to_index: torch.Tensor | None = None) -> None:
         self.armed_rows, self.steered, self.row_to_index = rows, steered, row_to_index
@@ -43,45 +43,48 @@ class StepState:
         to the model's device (counted in vLLM's memory accounting) and the kernels it will launch
         are compiled, so that nothing compiles while serving. `dtype`: the model's (hidden state's)."""
         self.lm_head = getattr(lm_head, "base_layer", lm_head)  # under LoRA, the wrapped head
-        self.check_fingerprints(self.table.config)
+        self.check_fingerprints(self.table.bank.headers, self.table.config.steers)
         # fp32 weights (exact, and what the CPU torch op computes in anyway), except on a GPU
         # serving a half-precision model, where the kernel reads the weights in the model's
         # dtype: half the bytes, and within the rounding the model's own hidden state has.
         half = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
         self.placement, self.hidden_dtype = (device, dtype if half else torch.float32), dtype
-        self.place_table()
+        self.place(self.table)
 
-    def place_table(self) -> None:
-        """Put the table's steer basis where the model is, and compile its kernels there (at
-        start-up, and when a runtime load or unload replaces the table)."""
+    def place(self, table: SteerTable) -> None:
+        """Put a table's steer basis where the model is, and compile its kernels there (at start-up,
+        and for the table a runtime load or unload prepares). Refuses a basis over the budget."""
+        if self.placement is None:  # the model is not loaded yet: attach_model places it
+            return
         device, dtype = self.placement
-        bank = self.table.bank.placed(device, dtype)
-        check_memory_budget(bank, self.table.config.memory_budget)
-        self.table.bank = bank
-        compiled = bank.warm_up(self.max_rows or self.table.capacity, self.table.config.max_steers_per_request,
-                                self.hidden_dtype)
+        bank = table.bank.placed(device, dtype)
+        check_memory_budget(bank, table.config.memory_budget)
+        table.bank = bank
+        compiled = bank.warm_up(self.max_rows or table.capacity, table.config.max_steers_per_request, self.hidden_dtype)
         dense = sum(e.up_start < 0 for e in bank.entries)
         logger.info("vllm-steer: %d steers on %s in %s: %.1f MiB%s%s", len(bank.names), device, dtype,
                     bank_bytes(bank) / 2**20, f" ({dense} dense W_k, one GEMM each)" if dense else "",
                     f"; {compiled} kernel variants compiled" if compiled else "")
 
-    def check_fingerprints(self, config: SteerConfig, names: list[str] | None = None) -> None:
+    def check_fingerprints(self, headers: dict[str, SteerHeader], sources: dict[str, str]) -> None:
+        """Each steer's fingerprint against this rank's shard of the LM head, the refusal agreed by
+        every tensor-parallel rank. `sources`: where each steer came from, for the error message."""
         weight = getattr(self.lm_head, "weight", None)
         shard = getattr(self.lm_head, "shard_indices", None)
         hidden_size = self.table.bank.hidden_size
         if weight is None or weight.dim() != 2 or weight.shape[1] != hidden_size or shard is None:
             logger.warning("vllm-steer: the LM head is not a plain [V, D] weight; embedding fingerprints not checked")
             return
-        names = [n for n in (names if names is not None else config.steers) if config.catalog[n].fingerprint]
-        problems = [fingerprint_mismatch(config.catalog[n].fingerprint, weight[: shard.num_org_elements],
+        names = [n for n, h in headers.items() if h.fingerprint]
+        problems = [fingerprint_mismatch(headers[n].fingerprint, weight[: shard.num_org_elements],
                                          first_row=shard.org_vocab_start_index, vocab_size=self.vocab_size)
                     for n in names]
         refused = refused_by_any_tp_rank([p is not None for p in problems], weight.device)
         for name, problem, refuse in zip(names, problems, refused, strict=True):
             if refuse:
-                base_model = config.catalog[name].base_model
+                base_model = headers[name].base_model
                 raise SteerFileError(
-                    f"steer {name!r} ({config.steers[name]}) does not fit this model's output embedding: "
+                    f"steer {name!r} ({sources.get(name, 'received')}) does not fit this model's output embedding: "
                     + (problem or "another tensor-parallel rank found a mismatch in its vocabulary shard")
                     + (f"; it was made for {base_model}" if base_model else "")
                 )

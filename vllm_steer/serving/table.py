@@ -3,14 +3,18 @@ runner gives it, on the host and on the device, over the low-rank bank of the lo
 
 from __future__ import annotations
 
+import hashlib
+import socket
 import time
+from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from vllm.logger import init_logger
 
-from vllm_steer.steer.file import SteerFile
+from vllm_steer.steer.file import SteerFile, SteerFileError
 from vllm_steer.steer.fingerprint import check_fits_model
 from vllm_steer.steer.formula import SteerBank
 from vllm_steer.steer.values import SteerRequestError, parse_steer_args
@@ -38,6 +42,7 @@ class SteerTable:
         self.config, self.bank, self.device_type = config, bank, torch.device(device)
         self.bounds = config.bounds_for(bank.headers)
         self.retired: dict[str, float] = {}  # unloaded steers still served: name -> time of unload
+        self.file_sha256: dict[str, str] = {}  # the steers read from files at start-up: name -> SHA-256
         slots = config.max_steers_per_request
         # Pageable, not pinned: a copy from pageable memory has read the source before it
         # returns, so the host may rewrite this table while the GPU is still behind.
@@ -50,10 +55,16 @@ class SteerTable:
 
     @classmethod
     def load(cls, config: SteerConfig, capacity: int, device: torch.device, hidden_size: int) -> SteerTable:
-        """A table over every steer of `config`, loaded from its file and checked to fit a model of
-        this hidden size; packed on the host, dense where the torch op runs (off CUDA)."""
-        files = load_fitting_steers(config, list(config.steers), hidden_size)
-        return cls(config, SteerBank.pack(files, "cpu", dense=torch.device(device).type != "cuda"), capacity, device)
+        """A table over every steer of `config`, read from its file (on this node) and checked to fit a
+        model of this hidden size; packed on the host, dense where the torch op runs (off CUDA).
+        `file_sha256` records what was read, to compare with the steer set the front end started with."""
+        loaded = read_steer_files(config, list(config.steers))
+        files = {name: steer for name, (steer, _) in loaded.items()}
+        for name, steer in files.items():
+            check_fits_model(steer.header, hidden_size, f"steer {name!r} ({config.steers[name]})")
+        table = cls(config, SteerBank.pack(files, "cpu", dense=torch.device(device).type != "cuda"), capacity, device)
+        table.file_sha256 = {name: sha for name, (_, sha) in loaded.items()}
+        return table
 
     @property
     def capacity(self) -> int:
@@ -63,29 +74,49 @@ class SteerTable:
     def in_use(self, name: str) -> bool:
         return bool((self.host_steers == self.bank.index[name]).any())
 
-    def reconfigured(self, served: SteerConfig, new_files: dict[str, SteerFile]) -> SteerTable:
-        """A table serving `served`: `new_files` added, unloaded steers retired (kept while
-        recently unloaded or still in use), every row's steers carried over."""
+    def with_steers(self, served: SteerConfig, new_files: dict[str, SteerFile]) -> SteerTable:
+        """A new table, without rows yet, serving `served`: `new_files` added, unloaded steers retired
+        (kept while recently unloaded or still in use). Nothing here reads a path: the weights and
+        headers come from this table's bank and `new_files`, which may have arrived as bytes."""
+        # A steer loaded under the name of one still here (retired: the front end admits no request
+        # for it) replaces it, unless requests admitted before its unload still hold it: they
+        # would change steer mid-generation.
+        held = [n for n in new_files if n in self.bank.index and self.in_use(n)]
+        if held:
+            raise ValueError(f"steer {held[0]!r} was unloaded and requests admitted before that still use it; load it "
+                             "again under this name once they finish, or under another name now")
         now = time.monotonic()
         retired = {n: self.retired.get(n, now) for n in self.bank.names if n not in served.steers}
         retired = {n: t for n, t in retired.items() if now - t < self.RETIRE_GRACE_S or self.in_use(n)}
-        kept = [n for n in self.bank.names if n in served.steers or n in retired]
+        kept = [n for n in self.bank.names if (n in served.steers or n in retired) and n not in new_files]
         bank = self.bank.repacked(kept, new_files)
         steers = {n: self.config.steers.get(n) or served.steers[n] for n in bank.names}
-        bounds = {n: served.value_bounds.get(n) or self.config.value_bounds[n] for n in bank.names}
-        config = SteerConfig(steers, served.max_abs_value, bounds, served.max_steers_per_request,
-                             served.memory_budget)
+        # The operator's bounds only: bounds_for() adds each steer's own from the headers loaded here.
+        bounds = {n: b for n, b in {**self.config.bounds, **served.bounds}.items() if n in bank.names}
+        config = replace(served, steers=steers, bounds=bounds)
         table = SteerTable(config, bank, self.capacity, self.device_type)
         table.retired = retired
-        # Old bank index -> new (every steer a row holds is kept); -1 stays -1 (the extra entry).
-        new_index = torch.tensor([bank.index.get(n, -1) for n in self.bank.names] + [-1], dtype=torch.int32)
-        slots = min(self.host_steers.shape[1], table.host_steers.shape[1])
-        table.host_steers[:, :slots] = new_index[self.host_steers[:, :slots].long()]
-        dims = min(self.bank.max_dims, bank.max_dims)
-        table.host_values[:, :slots, :dims] = self.host_values[:, :slots, :dims]
-        table.steered[:] = self.steered
-        table.flush()
         return table
+
+    def carry_rows_from(self, old: SteerTable) -> None:
+        """Take over every row of `old` (the requests in flight keep their values): each steer a row
+        holds maps to its index in this bank. A row holding a steer this bank lacks (the front end
+        and the workers disagree) is served unsteered and logged, never raised on."""
+        new_index = torch.tensor([self.bank.index.get(n, -1) for n in old.bank.names] + [-1], dtype=torch.int32)
+        slots = min(old.host_steers.shape[1], self.host_steers.shape[1])
+        held = old.host_steers[:, :slots].long()
+        mapped = new_index[held]
+        lost = (held >= 0) & (mapped < 0)
+        if bool(lost.any()):
+            rows = lost.any(dim=1).nonzero().flatten().tolist()
+            logger.error("vllm-steer: rows %s hold steers this worker no longer serves; they are served UNSTEERED "
+                         "from now on", rows)
+        self.host_steers[:, :slots] = mapped
+        dims = min(old.bank.max_dims, self.bank.max_dims)
+        self.host_values[:, :slots, :dims] = old.host_values[:, :slots, :dims]
+        self.host_values[:, :slots][lost] = 0.0
+        self.steered[:] = (self.host_steers >= 0).any(dim=1).numpy()
+        self.flush()
 
     def set(self, index: int, params: SamplingParams) -> None:
         # Validated in the front end already; parsed again here against this table's steers. A
@@ -134,8 +165,21 @@ class SteerTable:
         return self.steers[row_to_index], self.values[row_to_index]
 
 
-def load_fitting_steers(config: SteerConfig, names: list[str], hidden_size: int) -> dict[str, SteerFile]:
-    """The named steers of `config`, loaded, each checked to fit a model of this hidden size."""
+def read_steer_files(config: SteerConfig, names: list[str]) -> dict[str, tuple[SteerFile, str]]:
+    """The named steers of `config` read from their paths on this node, each with the SHA-256 of its
+    bytes. A path this node cannot read stops start-up with an error naming the node and the path
+    (on a server spread over several nodes, every node needs the steer files at the same paths)."""
+    loaded = {}
     for name in names:
-        check_fits_model(config.catalog[name], hidden_size, f"steer {name!r} ({config.steers[name]})")
-    return {name: SteerFile.load(config.steers[name]) for name in names}
+        path = config.steers[name]
+        where = f"steer {name!r} ({path}, read on node {socket.gethostname()})"
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise SteerFileError(
+                f"steer file not found or unreadable: {path} (steer {name!r}, on node {socket.gethostname()}: "
+                f"{e.strerror or e}). Every node of the server reads the steers configured at start-up from the same "
+                "paths: put the file there, or start without it and load it at run time (POST /v1/load_steer sends "
+                "the file's bytes to every worker).") from e
+        loaded[name] = (SteerFile.from_bytes(data, where=where), hashlib.sha256(data).hexdigest())
+    return loaded

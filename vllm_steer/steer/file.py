@@ -16,10 +16,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
+from safetensors.torch import load as safetensors_load
 from safetensors.torch import save_file
 
 FORMAT = "vllm-steer/1"
 TENSOR_KEYS = ("projector1", "projector2")
+# safetensors itself refuses headers over 100 MB; a steer's is a few KiB.
+MAX_HEADER_BYTES = 100_000_000
 
 
 class SteerFileError(ValueError):
@@ -196,14 +199,50 @@ class SteerFile:
         """Read and check a steer file. Never unpickles."""
         header = read_header(path)
         with safe_open(str(path), framework="pt") as f:
-            missing = [k for k in TENSOR_KEYS if k not in f.keys()]
-            if missing:
-                raise SteerFileError(f"{path}: missing tensors {missing}")
-            tensors = {k: f.get_tensor(k) for k in TENSOR_KEYS}
+            tensors = {k: f.get_tensor(k) for k in TENSOR_KEYS if k in f.keys()}
+        return cls._checked(header, tensors, str(path))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, where: str = "steer bytes") -> SteerFile:
+        """A steer from the bytes of a steer file (as sent to the workers of a server on several
+        nodes), with the same checks as `load`; `where` names the source in error messages.
+        Never unpickles: the safetensors header is JSON and the tensors are raw buffers."""
+        header = SteerHeader.from_metadata(safetensors_metadata(data, where), where=where)
+        try:
+            tensors = safetensors_load(bytes(data))
+        except Exception as e:  # safetensors raises its own error types for garbage input
+            raise SteerFileError(f"{where}: not a readable safetensors file ({e})") from e
+        return cls._checked(header, {k: tensors[k] for k in TENSOR_KEYS if k in tensors}, where)
+
+    @classmethod
+    def _checked(cls, header: SteerHeader, tensors: dict[str, torch.Tensor], where: str) -> SteerFile:
+        missing = [k for k in TENSOR_KEYS if k not in tensors]
+        if missing:
+            raise SteerFileError(f"{where}: missing tensors {missing}")
         try:
             return cls(header, **tensors)
         except SteerFileError as e:
-            raise SteerFileError(f"{path}: {e}") from e
+            raise SteerFileError(f"{where}: {e}") from e
+
+
+def safetensors_metadata(data: bytes, where: str = "steer bytes") -> dict[str, str] | None:
+    """The string metadata of a safetensors file held in memory: the file opens with the length
+    of its JSON header (8 bytes, little-endian), then that JSON, whose "__metadata__" entry it is."""
+    if len(data) < 8:
+        raise SteerFileError(f"{where}: not a readable safetensors file ({len(data)} bytes)")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8 or length > MAX_HEADER_BYTES:
+        raise SteerFileError(f"{where}: not a readable safetensors file (header length {length} for "
+                             f"{len(data)} bytes)")
+    try:
+        header = json.loads(bytes(data[8: 8 + length]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise SteerFileError(f"{where}: not a readable safetensors file (header: {e})") from e
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    if metadata is not None and not (isinstance(metadata, dict)
+                                     and all(isinstance(v, str) for v in metadata.values())):
+        raise SteerFileError(f"{where}: not a readable safetensors file (its metadata is not a string map)")
+    return metadata
 
 
 def read_header(path: str | Path) -> SteerHeader:

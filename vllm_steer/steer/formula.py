@@ -84,7 +84,11 @@ class SteerBank:
             self.entries.append(BankEntry(down_start, header.num_dims, r, -1 if up is None else up_start))
             down_start += down.shape[1]
             up_start += 0 if up is None else up.shape[0]
-        self.down = torch.cat([d for d, _ in blocks], dim=1).to(self.device, dtype).contiguous()
+        if self.device.type == "cuda":  # row-major, as the Triton kernel streams it
+            self.down = torch.cat([d for d, _ in blocks], dim=1).to(self.device, dtype).contiguous()
+        else:  # each steer's columns contiguous in memory (a [D, C] view of [C, D]): the torch op
+            # reads only the steers a step uses, each as one block, however many are loaded
+            self.down = torch.cat([d.t() for d, _ in blocks]).to(self.device, dtype).contiguous().t()
         ups = [u for _, u in blocks if u is not None]
         self.up = (torch.cat(ups) if ups else self.down.new_zeros(0, self.hidden_size)).to(self.device, dtype)
         self.cols = torch.tensor([[e.down_start, e.num_dims, e.rank, e.up_start] for e in self.entries],

@@ -1,0 +1,106 @@
+"""Starts vLLM's OpenAI-compatible server for `vllm-steer serve`: vLLM's server module for one API
+server, vLLM's own `vllm serve` dispatcher (called in-process) for several API servers, data
+parallelism or headless nodes; with the steer set's digest in --additional-config and the steer
+variables named for vLLM's Ray executors to copy to every node."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+
+from .config import RAY_COPY_ENV, ray_env_vars_to_copy, with_steer_digest
+from .registry import runtime_updates_refusal
+
+STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
+
+
+def parse_vllm_args(model: str, vllm_args: list[str]) -> Namespace:
+    """vLLM's own OpenAI-server parser over the operator's arguments: abbreviations, underscores,
+    human-readable sizes and --config files resolve exactly as vLLM will resolve them."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model, *vllm_args])
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How `vllm-steer serve` starts vLLM: `argv`, vLLM's arguments (the operator's and ours);
+    `dispatcher`: through vLLM's `vllm serve` dispatcher rather than the single-server module;
+    `notes`: what was decided for the operator, printed before the start."""
+
+    argv: list[str]
+    dispatcher: bool
+    notes: list[str] = field(default_factory=list)
+    uses_ray: bool = False
+
+
+def plan_launch(model: str, vllm_args: list[str], digest: str, runtime_updates: bool) -> LaunchPlan:
+    """The vLLM arguments and launcher for a steered server. Refuses (ValueError) runtime updates
+    where one front end cannot reach every engine and admit for all of them."""
+    try:
+        namespace = parse_vllm_args(model, vllm_args)
+    except SystemExit as e:  # vLLM's parser printed why
+        raise ValueError("vLLM's argument parser rejected the arguments above") from e
+    extra = ["--additional-config", json.dumps(with_steer_digest(namespace.additional_config, digest))]
+    notes = []
+    dp = namespace.data_parallel_size or 1
+    balanced_elsewhere = (namespace.data_parallel_external_lb or namespace.data_parallel_rank is not None
+                          or namespace.data_parallel_hybrid_lb or namespace.data_parallel_start_rank is not None
+                          or namespace.data_parallel_multi_port_external_lb)
+    if runtime_updates and namespace.api_server_count is None and dp > 1 and not balanced_elsewhere:
+        # vLLM would start one API server per engine; one front end reaches them all.
+        extra += ["--api-server-count", "1"]
+        namespace.api_server_count = 1
+        notes.append(f"vllm-steer: --allow-runtime-updates with --data-parallel-size {dp}: one API server "
+                     "(--api-server-count 1) reaching all engines, so that a runtime load reaches every engine "
+                     "before the front end admits the new steer")
+    if runtime_updates and (refusal := runtime_updates_refusal(namespace)):
+        raise ValueError(refusal)
+    count = namespace.api_server_count
+    dispatcher = (count is not None and count > 1) or dp > 1 or bool(namespace.headless)
+    uses_ray = "ray" in (namespace.distributed_executor_backend, namespace.data_parallel_backend)
+    return LaunchPlan([*vllm_args, *extra], dispatcher, notes, uses_ray)
+
+
+def prepare_environment() -> str:
+    """Name the steer variables for vLLM's Ray executors to copy to the workers on every node (the
+    legacy executor copies only listed names and prefixes), after the operator's own entries; returns
+    the line to log."""
+    os.environ[RAY_COPY_ENV] = ray_env_vars_to_copy(os.environ.get(RAY_COPY_ENV))
+    return (f"vllm-steer: Ray: {RAY_COPY_ENV}={os.environ[RAY_COPY_ENV]} (copied to the Ray workers on every node; "
+            "each worker checks that the steers it loads are the set this front end started with)")
+
+
+def launch(model: str, plan: LaunchPlan) -> None:
+    """Start vLLM; does not return while the server runs."""
+    argv = ["--model", model, "--logits-processors", STATE_PROCESSOR, *plan.argv]
+    if not plan.dispatcher:
+        # One API server: vLLM's server module (what `vllm serve` runs for one server).
+        os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv])
+    run_vllm_serve(argv)
+
+
+def run_vllm_serve(argv: list[str]) -> None:
+    """What `vllm serve ARGV` does, called in this process: the CPU wheel's `vllm` console script
+    cannot start (it asks for a distribution named "vllm"). vLLM starts its API servers and engine
+    cores with the spawn method, which re-imports the main module: the caller's must be guarded by
+    `if __name__ == "__main__"` (the `vllm-steer` script and `python -m vllm_steer.cli` are)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from .compat import check_launcher_internals
+
+    check_launcher_internals()
+    cli_env_setup()
+    args = make_arg_parser(FlexibleArgumentParser(prog="vllm-steer serve")).parse_args(argv)
+    configure_logging_from_args(args)
+    command = ServeSubcommand()
+    command.validate(args)
+    command.cmd(args)
