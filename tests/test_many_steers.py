@@ -57,7 +57,7 @@ def many(model_dir, output_embedding, tmp_path_factory):
     server = ServerProcess(
         steer_server_command(str(model_dir), {}, "--steer-dir", str(folder), "--allow-runtime-updates",
                              "--max-steers-per-request", str(MAX_PER_REQUEST), "--steer-memory-budget", str(budget),
-                             *ENGINE_ARGS),
+                             "--enforce-eager", *ENGINE_ARGS),  # eager: starts faster (no compile warm-up)
         tmp_path_factory.mktemp("many_logs") / "server.log", env=SERVER_ENV)
     with server:
         yield {"server": server, "steers": steers, "late": (late, extra_dir / "late.safetensors"),
