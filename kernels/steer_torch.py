@@ -50,25 +50,3 @@ def steer_hidden_gather_torch(
     steered = (row_steer >= 0).any(dim=1)
     out[steered] = (h[steered] + delta[steered]).to(hidden.dtype)
     return out
-    steers = row_steer[pairs[:, 0], pairs[:, 1]].long()
-    order = torch.argsort(steers, stable=True)
-    pairs, steers = pairs[order], steers[order]
-    used, counts = torch.unique_consecutive(steers, return_counts=True)
-    h = hidden.float()
-    delta = torch.zeros_like(h)
-    cols = steer_cols.tolist()
-    start = 0
-    for n, count in zip(used.tolist(), counts.tolist(), strict=True):
-        rows, slots = pairs[start:start + count, 0], pairs[start:start + count, 1]
-        start += count
-        down_start, k, r, up_start = cols[n]
-        values = row_values[rows, slots, :k].float()  # [count, K]
-        shrunk = (h[rows] @ down[:, down_start:down_start + k * r].float()).view(count, k, r)
-        if up_start < 0:  # dense: each dim's W_k h is already in the output space (r = D)
-            part = torch.bmm(values.unsqueeze(1), shrunk).squeeze(1)
-        else:
-            part = (shrunk * values.unsqueeze(2)).view(count, k * r) @ up[up_start:up_start + k * r].float()
-        delta.index_add_(0, rows, part)
-    steered = (row_steer >= 0).any(dim=1)
-    out[steered] = (h[steered] + delta[steered]).to(hidden.dtype)
-    return out
