@@ -1,16 +1,16 @@
 """Many steers on one server, end to end on CPU: throughput as the number of loaded steers grows, and
 as the number of distinct steers in one batch grows (the shape of EasySteer's published curve).
 
-    .venv/bin/python benchmarks/many_steers.py [--loaded 1 16 64 256 1024] [--repeats 3] [--quick]
+    .venv/bin/python benchmarks/many_steers.py [--loaded 1 16 64 256 1024] [--repeats 5] [--skip-batch-256]
 
 For each N, one `vllm-steer serve --steer-dir` with N random fingerprinted steers (K=2 with a bias
 dim, rank 64; also rank 576 for N <= 64), and one plain vLLM server for the whole run. At batch 64
 (the official `openai` client, distinct 32-token prompts, exactly 32 new tokens), workloads take
 turns in every repeat: unsteered, every request on its own steer, all on one steer, half
 unsteered. Reported: each workload's ratio to the unsteered load on the same server and to vLLM
-without the plugin, median and best of the repeats, and each server's start-up time. Then, on the
-server with the most steers loaded, distinct steers per batch 1, 8, 32, 64 at batch 64 (and 256 at
-batch 256). Writes benchmarks/results/many_steers_<tag>.{json,md,png}.
+without the plugin (the median of the ratios within each repeat, and best over best), and each
+server's start-up time. Then, on the server with the most steers loaded, distinct steers per batch
+1, 8, 32, 64 at batch 64 (and 256 at batch 256). Writes benchmarks/results/many_steers_<tag>.{json,md,png}.
 """
 
 from __future__ import annotations
@@ -80,7 +80,10 @@ def bench(servers: dict[str, tuple[ServerProcess, list[str], str]], prompts, arg
 
 
 def summary(runs: list[float], base: list[float]) -> dict:
-    return {"median": statistics.median(runs) / statistics.median(base), "best": max(runs) / max(base),
+    """median: of the ratios within each repeat (the two loads ran minutes apart at most, so a drift in
+    the machine's speed falls on both); best: best over best."""
+    paired = [r / b for r, b in zip(runs, base, strict=True)]
+    return {"median": statistics.median(paired), "best": max(runs) / max(base), "paired": paired,
             "tok_s_median": statistics.median(runs)}
 
 
@@ -88,7 +91,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--loaded", type=int, nargs="+", default=[1, 16, 64, 256, 1024])
     parser.add_argument("--high-rank-loaded", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--output-tokens", type=int, default=32)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--distinct", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -153,8 +156,8 @@ def write_results(data: dict, tag: str) -> None:
              f"Machine: {m['cpu']}, {m['cores']} threads; torch {m['torch']}, vLLM {m['vllm']}; {m['date']}. "
              f"Default model, float32, batch {BATCH}, {data['args']['prompt_tokens']}-token prompts, "
              f"{data['args']['output_tokens']} new tokens, {data['args']['repeats']} repeats (workloads interleaved, "
-             "order rotated). Steers: K=2 (style + bias dim). Each cell: throughput ratio, median / best of "
-             "the repeats.", "",
+             "order rotated). Steers: K=2 (style + bias dim). Each cell: throughput ratio, the median of the "
+             "ratios within each repeat / best over best.", "",
              "| loaded | rank | start-up s | own steer each / unsteered | all on one / unsteered | half unsteered "
              "/ unsteered | own steer each / plain vLLM | unsteered / plain vLLM |",
              "|---:|---:|---:|---:|---:|---:|---:|---:|"]
@@ -182,13 +185,13 @@ def write_results(data: dict, tag: str) -> None:
             cs = sorted((c for c in data["configs"].values() if c["rank"] == rank), key=lambda c: c["loaded"])
             for w, label in [("own", "each request its own steer"), ("one", "all on one steer"),
                              ("half", "half unsteered")]:
-                ax.plot([c["loaded"] for c in cs], [c["vs_unsteered"][w]["best"] for c in cs], marker="o",
+                ax.plot([c["loaded"] for c in cs], [c["vs_unsteered"][w]["median"] for c in cs], marker="o",
                         ls="-" if rank == 64 else "--", label=f"rank {rank}: {label}")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.axhline(0.97, color="red", lw=0.8, ls=":", label="0.97 target")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("steers loaded")
-        ax.set_ylabel("throughput / same server unsteered (best)")
+        ax.set_ylabel("throughput / same server unsteered (median)")
         ax.set_title(f"vllm-steer, batch {BATCH}, CPU")
         ax.legend(fontsize=7)
         fig.tight_layout()

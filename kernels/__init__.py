@@ -4,9 +4,9 @@ them. `steer_hidden_gather` picks the right one for the tensors' device."""
 import torch
 
 from .layout import GatherLayout
-from .steer_torch import steer_hidden_gather_torch
+from .steer_torch import steer_hidden_bags_torch, steer_hidden_gather_torch
 
-__all__ = ["GatherLayout", "steer_hidden_gather", "steer_hidden_gather_torch", "warm_up"]
+__all__ = ["GatherLayout", "steer_hidden_bags_torch", "steer_hidden_gather", "steer_hidden_gather_torch", "warm_up"]
 
 
 def steer_hidden_gather(
@@ -19,13 +19,16 @@ def steer_hidden_gather(
     layout: GatherLayout | None = None,
 ) -> torch.Tensor:
     """Steer every row of `hidden` by the steers it names (per-row gather): the Triton kernel on
-    CUDA, torch elsewhere. See `steer_hidden_gather_torch` for the argument layout. `layout`: the
+    CUDA, torch elsewhere (embedding bags if `down` is flat). See `steer_hidden_gather_torch` for
+    the argument layout and `steer_hidden_bags_torch` for the flat one. `layout`: the
     bank's host-side facts (`GatherLayout.of`), which the CUDA path needs to launch without reading
     `cols` back from the device; None there costs a synchronisation."""
     if hidden.is_cuda:
         from .steer_triton import steer_hidden_gather_triton
 
         return steer_hidden_gather_triton(hidden, down, up, cols, row_steer, row_values, layout=layout)
+    if down.dim() == 1:
+        return steer_hidden_bags_torch(hidden, down, up, cols, row_steer, row_values)
     return steer_hidden_gather_torch(hidden, down, up, cols, row_steer, row_values)
 
 

@@ -1,7 +1,9 @@
-"""The steer op in plain torch: the path used where Triton cannot run (the CPU backend) and the
-reference the Triton kernel is tested against."""
+"""The steer op in plain torch: the reference the Triton kernel is tested against (on its [D, C]
+layout), and the path used where Triton cannot run (the CPU backend, on the flat layout it reads as
+embedding bags)."""
 
 import torch
+import torch.nn.functional as F
 
 
 def steer_hidden_gather_torch(
@@ -47,6 +49,77 @@ def steer_hidden_gather_torch(
         else:
             parts.append((shrunk * vs.unsqueeze(2)).view(count, k * r) @ up[up_start:up_start + k * r].float())
     delta = torch.zeros_like(h).index_add_(0, rows, torch.cat(parts))
+    steered = (row_steer >= 0).any(dim=1)
+    out[steered] = (h[steered] + delta[steered]).to(hidden.dtype)
+    return out
+
+
+# A steer named by this many (row, slot) pairs of a step is applied as GEMMs on its block (its weights
+# read once for all of them) rather than as that many bags (each reading them again, from cache).
+GEMM_PAIRS = 8
+
+
+def steer_hidden_bags_torch(
+    hidden: torch.Tensor,
+    down: torch.Tensor,
+    up: torch.Tensor,
+    steer_cols: torch.Tensor,
+    row_steer: torch.Tensor,
+    row_values: torch.Tensor,
+) -> torch.Tensor:
+    """Per-row gather on the flat layout: a few multi-threaded calls per step however many steers
+    the rows name, each reading only those steers' weights, fp32 accumulation.
+
+    The function of `steer_hidden_gather_torch`, with `down` flat: down [L] holds steer n's block
+    [D, K*r] (its P1_k, or W_k if dense) row-major from element down_start, a multiple of K*r, so that
+    the block is D whole rows of down viewed as [-1, K*r]. hidden [B, D]; up [U, D] fp32;
+    steer_cols [N, 4] int (down_start, K, r, up_start); row_steer [B, S] int (-1: no steer);
+    row_values [B, S, Kmax] fp32 (eps folded in). Rows that name no steer come back bit-identical.
+    A (row, slot) pair is an embedding bag of D rows of its steer's block weighted by h (the shrink),
+    then, for a factored steer, a bag of K*r rows of `up` weighted by the shrunk values (the expand):
+    one call of each per distinct block width among the steers in use. A steer named by GEMM_PAIRS
+    pairs or more is instead one or two GEMMs over its pairs.
+    """
+    out = hidden.clone()
+    pairs = (row_steer >= 0).nonzero()  # [P, 2]: (row, slot)
+    if pairs.numel() == 0:
+        return out
+    rows, slots = pairs[:, 0], pairs[:, 1]
+    steer = row_steer[rows, slots].long()
+    start, k, r, up_start = steer_cols[steer].long().unbind(1)
+    h, values = hidden.float(), row_values[rows, slots].float()  # [B, D], [P, Kmax]
+    d, device = h.shape[1], h.device
+    # column c of a steer's block belongs to dim c // r: its shrunk value is scaled by that dim's
+    def scaled(shrunk: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
+        dim_of_col = torch.arange(shrunk.shape[1], device=device).unsqueeze(0) // r[sel].unsqueeze(1)
+        return shrunk * values[sel].gather(1, dim_of_col)
+
+    delta = torch.zeros_like(h)
+    used, inverse, counts = torch.unique(steer, return_inverse=True, return_counts=True)
+    heavy = counts[inverse] >= GEMM_PAIRS
+    for n in used[counts >= GEMM_PAIRS].tolist():
+        sel = (steer == n).nonzero().squeeze(1)
+        first = int(sel[0])
+        w, us = int(k[first] * r[first]), int(up_start[first])
+        block = down[int(start[first]):int(start[first]) + d * w].view(d, w)
+        shrunk = scaled(h[rows[sel]] @ block, sel)
+        part = shrunk.view(-1, w // d, d).sum(1) if us < 0 else shrunk @ up[us:us + w]
+        delta.index_add_(0, rows[sel], part)
+    width = torch.where(up_start < 0, -(k * r), k * r)  # a dense block's width negated: its own group
+    for w in torch.unique(width[~heavy]).tolist():  # one group per block width (usually one)
+        sel = ((width == w) & ~heavy).nonzero().squeeze(1)
+        dense, w, count = w < 0, abs(w), sel.numel()
+        bags = torch.arange(count, device=device)
+        table = down[: down.numel() // w * w].view(-1, w)
+        index = ((start[sel] // w).unsqueeze(1) + torch.arange(d, device=device)).flatten()
+        shrunk = scaled(F.embedding_bag(index, table, bags * d, mode="sum",
+                                        per_sample_weights=h[rows[sel]].flatten()), sel)  # [count, w]
+        if dense:  # each dim's W_k h is already in the output space (r = D)
+            part = shrunk.view(count, w // d, d).sum(1)
+        else:
+            index = (up_start[sel].unsqueeze(1) + torch.arange(w, device=device)).flatten()
+            part = F.embedding_bag(index, up, bags * w, mode="sum", per_sample_weights=shrunk.flatten())
+        delta.index_add_(0, rows[sel], part)
     steered = (row_steer >= 0).any(dim=1)
     out[steered] = (h[steered] + delta[steered]).to(hidden.dtype)
     return out

@@ -490,7 +490,7 @@ def test_steer_bank_layout_drives_the_kernel():
     steers = {f"s{r}": SteerFile.create(torch.randn(k, d, r, generator=g), torch.randn(k, d, r, generator=g),
                                         dim_names=[f"d{i}" for i in range(k)], epsilon=0.05)
               for r, k in [(1, 2), (3, 1), (64, 2)]}
-    bank = SteerBank.pack(steers, "cpu", dense=False).placed(DEVICE, torch.float32)
+    bank = SteerBank.pack(steers, "cpu", dense=False, bags=False).placed(DEVICE, torch.float32)
     assert bank.layout == GatherLayout.of(bank.cols.tolist())
     h = torch.randn(6, d, generator=g).to(DEVICE)
     rs = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 2], [1, 0], [-1, 2]], dtype=torch.int32, device=DEVICE)

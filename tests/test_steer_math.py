@@ -128,6 +128,40 @@ def test_many_steers_each_row_its_own_and_unused_steers_never_read():
     check_against_formula(bank, steers, requests, h, out)
 
 
+def test_flat_bank_gemm_and_bag_paths_match_the_formula():
+    """The CPU bank's flat layout (each block at a multiple of its width, mixed widths, factored and
+    dense): steers named by many pairs (the GEMM path) and by few (the embedding bags) in one step,
+    a row naming one steer twice, unsteered rows; against float64 and against the [D, C] bank the
+    Triton kernel reads (the reference torch op). Unused steers are NaN."""
+    from vllm_steer.kernels.steer_torch import GEMM_PAIRS
+
+    specs = {"a": (["a", "bias"], 7), "b": (["b"], 3), "c": (["c", "x", "y"], 30), "d": (["d"], 1),
+             "e": (["e", "f"], 4), "unused": (["u"], 5)}
+    steers = {n: steer(names, r, 40 + i, 1e-3 * (1 + i)) for i, (n, (names, r)) in enumerate(specs.items())}
+    flat = SteerBank.pack(steers, "cpu")
+    assert flat.bags and flat.down.dim() == 1
+    assert all(e.down_start % (e.num_dims * e.rank) == 0 for e in flat.entries)
+    assert [e.up_start < 0 for e in flat.entries] == [False, False, True, False, False, False]
+    g = torch.Generator().manual_seed(8)
+    heavy = 2 * GEMM_PAIRS  # "a" and "c" cross the GEMM threshold, the rest stay bags
+    requests = [{"a": (torch.randn(2, generator=g) * 3).tolist()} for _ in range(heavy)]
+    requests += [{"c": (torch.randn(3, generator=g) * 3).tolist(), "b": [1.5]} for _ in range(heavy)]
+    requests += [{"d": [2.0]}, {}, {"e": [1.0, -2.0], "a": [0.5, 1.0]}, {"b": [-4.0]}, {}]
+    rows = SteerBank.pack(steers, "cpu", bags=False)
+    for n in ("unused",):
+        for t in (*flat.weights(n), *rows.weights(n)):
+            t.fill_(float("nan"))
+    h = torch.randn(len(requests), D, generator=g)
+    steer_idx, values = bank_rows(flat, requests)
+    steer_idx[-3, 2] = steer_idx[-3, 0]  # "e" twice in one row: its values count twice
+    values[-3, 2] = values[-3, 0]
+    out = flat.steer(h, steer_idx, values)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, rows.steer(h, steer_idx, values), rtol=1e-5, atol=1e-5)
+    requests[-3] = {"e": [2.0, -4.0], "a": [0.5, 1.0]}
+    check_against_formula(flat, steers, requests, h, out)
+
+
 def test_repacked_keeps_rows_meaning_and_adds_steers():
     a = steer(["a", "bias"], 7, 0, 1e-3, bias_dims={"bias": 1.0})
     b = steer(["b"], 30, 1, 5e-3)

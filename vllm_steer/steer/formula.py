@@ -56,18 +56,22 @@ class SteerBank:
     """Loaded steers packed for per-row gathering: each request names a few of them, and a step
     costs what the steers its rows name cost, however many are loaded.
 
-    down [D, C] holds each steer's P1_k side by side (K*r columns), or, off CUDA where it is
-    cheaper (r > D/2), its W_k = P1_k P2_k^T side by side (K*D columns, "dense"); up [U, D] holds
-    the factored steers' P2_k^T stacked; `cols` [N, 4] (down_start, K, r, up_start per steer, in
-    `names` order) says where. A row's request is (steer index, K values with eps folded in) per
-    steer it names: see `row_entries`.
+    `down` holds each steer's P1_k side by side (K*r columns), or, off CUDA where it is cheaper
+    (r > D/2), its W_k = P1_k P2_k^T side by side (K*D columns, "dense"); up [U, D] holds the
+    factored steers' P2_k^T stacked; `cols` [N, 4] (down_start, K, r, up_start per steer, in
+    `names` order) says where. `down` is laid out for the op that reads it: on CUDA one row-major
+    [D, C] matrix (down_start: a column), as the Triton kernel streams it; elsewhere (`bags`) a
+    flat buffer of each steer's [D, K*r] block, row-major, at an element offset that is a multiple
+    of K*r (down_start: that offset), as the torch op's embedding bags read it. A row's request
+    is (steer index, K values with eps folded in) per steer it names: see `row_entries`.
     """
 
     def __init__(self, headers: dict[str, SteerHeader], blocks: list[tuple[torch.Tensor, torch.Tensor | None]],
                  rank: list[int], device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 dense: bool = False) -> None:
+                 dense: bool = False, bags: bool | None = None) -> None:
         """From each steer's (down block [D, K*r], up block [K*r, D] or None if dense); see `pack`.
-        `dense`: whether steers added later may be stored dense."""
+        `dense`: whether steers added later may be stored dense; `bags`: the flat layout of `down`
+        (default: off CUDA)."""
         if not headers:
             raise ValueError("a SteerBank needs at least one steer")
         sizes = {h.hidden_size for h in headers.values()}
@@ -78,30 +82,36 @@ class SteerBank:
         self.names = list(headers)
         self.index = {name: n for n, name in enumerate(self.names)}
         self.device, self.dtype, self.dense = torch.device(device), dtype, dense
+        self.bags = self.device.type != "cuda" if bags is None else bags
         self.entries: list[BankEntry] = []
         down_start = up_start = 0
         for header, (down, up), r in zip(headers.values(), blocks, rank, strict=True):
+            width = down.shape[1]
+            if self.bags:  # the block's offset a multiple of its width: whole rows of a [-1, width] view
+                down_start = -(-down_start // width) * width
             self.entries.append(BankEntry(down_start, header.num_dims, r, -1 if up is None else up_start))
-            down_start += down.shape[1]
+            down_start += down.numel() if self.bags else width
             up_start += 0 if up is None else up.shape[0]
-        if self.device.type == "cuda":  # row-major, as the Triton kernel streams it
+        if self.bags:
+            self.down = torch.zeros(down_start, device=self.device, dtype=dtype)
+            for e, (down, _) in zip(self.entries, blocks, strict=True):
+                self.down[e.down_start:e.down_start + down.numel()].view_as(down).copy_(down)
+        else:
             self.down = torch.cat([d for d, _ in blocks], dim=1).to(self.device, dtype).contiguous()
-        else:  # each steer's columns contiguous in memory (a [D, C] view of [C, D]): the torch op
-            # reads only the steers a step uses, each as one block, however many are loaded
-            self.down = torch.cat([d.t() for d, _ in blocks]).to(self.device, dtype).contiguous().t()
         ups = [u for _, u in blocks if u is not None]
         self.up = (torch.cat(ups) if ups else self.down.new_zeros(0, self.hidden_size)).to(self.device, dtype)
         self.cols = torch.tensor([[e.down_start, e.num_dims, e.rank, e.up_start] for e in self.entries],
-                                 dtype=torch.int32, device=self.device)
+                                 dtype=torch.int64 if self.bags else torch.int32, device=self.device)
         self.max_dims = max(h.num_dims for h in headers.values())
         # The host-side facts the CUDA kernel's launch shape needs, from the entries (no device read).
         self.layout = GatherLayout.of((e.down_start, e.num_dims, e.rank, e.up_start) for e in self.entries)
 
     @classmethod
     def pack(cls, steers: dict[str, SteerFile], device: torch.device | str = "cpu",
-             dtype: torch.dtype = torch.float32, dense: bool | None = None) -> SteerBank:
+             dtype: torch.dtype = torch.float32, dense: bool | None = None, bags: bool | None = None) -> SteerBank:
         """The steers packed on `device` in `dtype`, each stored dense where that is cheaper if
-        `dense` allows it (default: off CUDA, where the torch op runs)."""
+        `dense` allows it, `down` in the torch op's flat layout if `bags` (both default: off CUDA,
+        where the torch op runs)."""
         device = torch.device(device)
         dense = device.type != "cuda" if dense is None else dense
         blocks, ranks = [], []
@@ -112,7 +122,7 @@ class SteerBank:
             block, rank = _stored_block(down, up, k, r, dense)
             blocks.append(block)
             ranks.append(rank)
-        return cls({n: s.header for n, s in steers.items()}, blocks, ranks, device, dtype, dense)
+        return cls({n: s.header for n, s in steers.items()}, blocks, ranks, device, dtype, dense, bags)
 
     def placed(self, device: torch.device | str, dtype: torch.dtype) -> SteerBank:
         """This bank on `device` in `dtype`."""
@@ -130,12 +140,17 @@ class SteerBank:
         blocks = [bank.weights(n) for bank, n in parts]
         ranks = [bank.entries[bank.index[n]].rank for bank, n in parts]
         headers = {n: bank.headers[n] for bank, n in parts}
-        return SteerBank(headers, blocks, ranks, device, dtype, self.dense)
+        bags = self.bags if device.type == self.device.type else None
+        return SteerBank(headers, blocks, ranks, device, dtype, self.dense, bags)
 
     def weights(self, name: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One steer's down block [D, K*r] and up block [K*r, D] (None if dense): views."""
         e = self.entries[self.index[name]]
-        down = self.down[:, e.down_start:e.down_start + e.num_dims * e.rank]
+        width = e.num_dims * e.rank
+        if self.bags:
+            down = self.down[e.down_start:e.down_start + self.hidden_size * width].view(self.hidden_size, width)
+        else:
+            down = self.down[:, e.down_start:e.down_start + width]
         up = None if e.up_start < 0 else self.up[e.up_start:e.up_start + e.num_dims * e.rank]
         return down, up
 
@@ -145,7 +160,7 @@ class SteerBank:
 
     @property
     def total_rank(self) -> int:
-        return int(self.down.shape[1])
+        return sum(e.num_dims * e.rank for e in self.entries)
 
     def row_entries(self, request: dict[str, list[float]]) -> tuple[list[int], list[list[float]]]:
         """A request's steers as (bank indices, each one's K values with its eps folded in); a steer
