@@ -143,7 +143,7 @@ def test_flat_bank_gemm_and_bag_paths_match_the_formula():
     assert all(e.down_start % (e.num_dims * e.rank) == 0 for e in flat.entries)
     assert [e.up_start < 0 for e in flat.entries] == [False, False, True, False, False, False]
     g = torch.Generator().manual_seed(8)
-    heavy = 2 * GEMM_PAIRS  # "a" and "c" cross the GEMM threshold, the rest stay bags
+    heavy = GEMM_PAIRS  # "a" and "c" reach the GEMM threshold, the rest stay bags
     requests = [{"a": (torch.randn(2, generator=g) * 3).tolist()} for _ in range(heavy)]
     requests += [{"c": (torch.randn(3, generator=g) * 3).tolist(), "b": [1.5]} for _ in range(heavy)]
     requests += [{"d": [2.0]}, {}, {"e": [1.0, -2.0], "a": [0.5, 1.0]}, {"b": [-4.0]}, {}]
