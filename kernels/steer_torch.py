@@ -92,7 +92,7 @@ def steer_hidden_bags_torch(
     start, k, r, up_start = steer_cols[steer].long().unbind(1)
     h, values = hidden.float(), row_values[rows, slots].float()  # [B, D], [P, Kmax]
     d, device = h.shape[1], h.device
-    # column c of a steer's block belongs to dim c // r: its shrunk value is scaled by that dim's
+    # column c of a steer's block belongs to dim c // r: its shrunk value is scaled by that dim's value
     def scaled(shrunk: torch.Tensor, sel: torch.Tensor) -> torch.Tensor:
         dim_of_col = torch.arange(shrunk.shape[1], device=device).unsqueeze(0) // r[sel].unsqueeze(1)
         return shrunk * values[sel].gather(1, dim_of_col)
