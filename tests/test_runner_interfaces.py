@@ -205,3 +205,66 @@ def test_a_loaded_model_is_checked_and_the_steers_placed_before_any_step(served,
     attach_model(steered, torch.float32)
     assert STEP.placement == (torch.device("cpu"), torch.float32) and STEP.lm_head is head
     assert proc.table.bank.device == torch.device("cpu")
+
+
+def test_mrv2_sampler_warm_up_leaves_every_slot_unsteered(served):
+    """Model Runner V2's profiling pass (vLLM 0.33 on a GPU, the same call sequence in 0.32's warm-up)
+    adds a dummy request with SamplingParams.for_sampler_warmup() to every slot, then calls
+    apply_staged_writes: even slots that held steered requests before must read as unsteered."""
+    req_states = LogitsProcRequestState(device=torch.device("cpu"), max_num_reqs=8, vocab_size=49152,
+                                        all_token_ids=None, prompt_len=None, prefill_len=None, total_len=None)
+    proc = SteerLogitsProcessor(stand_in_config(v2=True), req_states)
+    for slot in (1, 4):
+        proc.add_request(slot, SamplingParams(extra_args={"steer_alpha": 5}))
+    proc.apply_staged_writes()
+    assert proc.table.steered.any()
+    warmup = SamplingParams.for_sampler_warmup()
+    for slot in range(8):
+        assert proc.add_request(slot, warmup) is False
+    proc.apply_staged_writes()
+    assert not proc.table.steered.any()
+    assert bool((proc.table.steers == -1).all()) and bool((proc.table.values == 0).all())
+    from vllm.v1.worker.gpu.model_runner import GPUModelRunner
+
+    h = torch.randn(8, 576)
+    assert torch.equal(run_real_sample(GPUModelRunner, h, list(range(8))), h)
+
+
+def test_prompt_logprobs_of_either_kind_are_refused_beside_steering(served):
+    """Prompt logprobs come from the prompt's hidden states, which no steer touches: with a steer they
+    would be the unsteered model's. Both kinds (top tokens, and chosen token ids: vLLM's
+    prompt_logprob_token_ids, which Model Runner V2 serves) are refused, through vLLM's own MRV2
+    validator; without a steer both pass."""
+    from vllm.exceptions import VLLMValidationError
+
+    validate = build_custom_logits_processors_params_validator(["vllm_steer.plugin:SteerLogitsProcessor"])
+    for kind in ({"prompt_logprobs": 1}, {"prompt_logprob_token_ids": [[5, 7]]}):
+        field = next(iter(kind))
+        with pytest.raises(VLLMValidationError, match=f"{field} cannot be combined with steering"):
+            validate(SamplingParams(extra_args={"steer_alpha": 2}, **kind))
+        validate(SamplingParams(**kind))
+        validate(SamplingParams(extra_args={"other": 1}, **kind))
+
+
+def test_steered_beam_search_is_refused_for_speech_to_text_too(served):
+    """The transcription and translation request classes turn a request into beam-search parameters as
+    completions and chat do, and carry vllm_xargs. No speech model runs here, so their real request
+    classes are exercised directly: steered beam search refused, unsteered beam search untouched."""
+    from vllm.entrypoints.speech_to_text.transcription.protocol import TranscriptionRequest
+    from vllm.entrypoints.speech_to_text.translation.protocol import TranslationRequest
+
+    from vllm_steer.steer.values import SteerRequestError
+
+    for request_class in (TranscriptionRequest, TranslationRequest):
+        plain = request_class.model_construct(**{**_defaults(request_class), "use_beam_search": True, "n": 2})
+        assert plain.to_beam_search_params(16).beam_width == 2
+        steered = plain.model_copy(update={"vllm_xargs": {"steer_alpha": 3}})
+        with pytest.raises(SteerRequestError, match="use_beam_search"):
+            steered.to_beam_search_params(16)
+        other = plain.model_copy(update={"vllm_xargs": {"other": 1}})
+        assert other.to_beam_search_params(16, {}).max_tokens == 16
+
+
+def _defaults(model_class) -> dict:
+    return {name: field.get_default(call_default_factory=True) for name, field in model_class.model_fields.items()
+            if not field.is_required()}

@@ -52,7 +52,9 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     vLLM's server module for one API server, vLLM's own `vllm serve` dispatcher otherwise). On the
     CPU build the KV cache is sized to the model and the operator's limits unless the operator sized it."""
     from vllm_steer.serving.launch import launch, plan_launch, prepare_environment
+    from vllm_steer.serving.vllm_internals import check_internals
 
+    check_internals("launcher")  # first: an unsupported vLLM is named before anything else is done
     steers = name_value_pairs(args.steer, "--steer", "NAME=PATH")
     for folder in args.steer_dir:
         for name, path in steers_in_folder(folder).items():

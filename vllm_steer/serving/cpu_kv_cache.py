@@ -156,6 +156,9 @@ def _size_from_vllm_config(namespace) -> tuple[KVCacheSize, str]:
     from vllm.usage.usage_lib import UsageContext
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
+    from .vllm_internals import check_internals
+
+    check_internals("kv_cache_sizing")
     config = EngineArgs.from_cli_args(namespace).create_engine_config(UsageContext.OPENAI_API_SERVER)
     model, parallel, cache = config.model_config, config.parallel_config, config.cache_config
     dtype = kv_cache_dtype_str_to_dtype(cache.cache_dtype, model)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from .config import RAY_COPY_ENV, ray_env_vars_to_copy, with_steer_digest
 from .registry import runtime_updates_refusal
+from .vllm_internals import moved
 
 STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
 
@@ -20,10 +21,9 @@ STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
 def parse_vllm_args(model: str, vllm_args: list[str]) -> Namespace:
     """vLLM's own OpenAI-server parser over the operator's arguments: abbreviations, underscores,
     human-readable sizes and --config files resolve exactly as vLLM will resolve them."""
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    return make_arg_parser(FlexibleArgumentParser()).parse_args(["--model", model, *vllm_args])
+    return moved("make_arg_parser")(FlexibleArgumentParser()).parse_args(["--model", model, *vllm_args])
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,11 @@ def run_vllm_serve(argv: list[str]) -> None:
     cores with the spawn method, which re-imports the main module: the caller's must be guarded by
     `if __name__ == "__main__"` (the `vllm-steer` script and `python -m vllm_steer.cli` are)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
-    from vllm.entrypoints.launchers.cli_args import make_arg_parser
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
     from vllm.logger import configure_logging_from_args
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from .compat import check_launcher_internals
-
-    check_launcher_internals()
-    cli_env_setup()
-    args = make_arg_parser(FlexibleArgumentParser(prog="vllm-steer serve")).parse_args(argv)
+    moved("cli_env_setup")()
+    args = moved("make_arg_parser")(FlexibleArgumentParser(prog="vllm-steer serve")).parse_args(argv)
     configure_logging_from_args(args)
     command = ServeSubcommand()
     command.validate(args)

@@ -17,7 +17,7 @@ def steered_llm(model: str, steers: dict[str, str | Path], max_abs_value: float 
     environment variable, which this sets in the current process."""
     from vllm import LLM
 
-    from vllm_steer.plugin import SteerLogitsProcessor
+    from vllm_steer.plugin import SteerLogitsProcessor  # refuses an unsupported vLLM, naming the versions
 
     SteerConfig(steers={n: str(p) for n, p in steers.items()}, max_abs_value=max_abs_value).export()
     processors = [*llm_kwargs.pop("logits_processors", []), SteerLogitsProcessor]

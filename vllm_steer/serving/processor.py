@@ -16,7 +16,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2Logi
 
 from vllm_steer.steer.values import SteerRequestError, has_steer_keys, parse_steer_args
 
-from .compat import install_mrv2_sample_hook, pipeline_stage, register_plugin, require_steered_layer
+from .compat import install_mrv2_sample_hook, install_patches, pipeline_stage, require_steered_layer
 from .config import ENV_VAR, SteerConfig, expected_steer_digest, served_config, steer_set_digest
 from .metrics import METRICS
 from .step import STEP, logger
@@ -37,9 +37,12 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         config = served_config()
         try:
             request = parse_steer_args(extra, config.catalog, config.value_bounds, config.max_steers_per_request)
-            if request and sampling_params.prompt_logprobs is not None:
-                raise SteerRequestError("prompt_logprobs cannot be combined with steering (they would be unsteered)",
-                                        "prompt_logprobs")
+            # Prompt logprobs (of the top tokens or of chosen token ids) are computed from the prompt's
+            # hidden states, which the steer does not touch: they would be the unsteered model's.
+            for field in ("prompt_logprobs", "prompt_logprob_token_ids"):
+                if request and getattr(sampling_params, field) is not None:
+                    raise SteerRequestError(f"{field} cannot be combined with steering (they would be unsteered)",
+                                            field)
         except SteerRequestError as e:
             METRICS.rejected.labels(reason=e.reason).inc()
             raise
@@ -62,7 +65,7 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         else:
             # The legacy runner builds its processors before the model: registering here gives the
             # model the steered layer even where VLLM_PLUGINS keeps the entry point from loading.
-            register_plugin()
+            install_patches()
             device, _ = runner_args
             capacity = vllm_config.scheduler_config.max_num_seqs
         self.batch_size = 0

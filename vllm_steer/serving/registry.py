@@ -27,6 +27,7 @@ from vllm_steer.steer.fingerprint import check_fits_model
 from .config import SteerConfig, runtime_updates_allowed, served_config, set_served_config
 from .step import STEP, logger
 from .table import SteerTable
+from .vllm_internals import check_internals
 
 # The worker methods collective_rpc names (installed on vLLM's WorkerBase by compat.py).
 PREPARE_METHOD = "vllm_steer_prepare"
@@ -248,6 +249,7 @@ class SteerEndpoints:
         app.include_router(router)
 
     async def init_state(self, engine_client, state, args) -> None:
+        check_internals("registry")
         if runtime_updates_allowed() and (refusal := runtime_updates_refusal(args)):
             raise ValueError(f"vllm-steer: {refusal}")
         state.vllm_steer_engine = engine_client
