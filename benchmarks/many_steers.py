@@ -26,9 +26,8 @@ from pathlib import Path
 from throughput import RESULTS, machine, make_prompts, run_load
 from transformers import AutoTokenizer
 
-from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, plain_server_command, steer_server_command
+from vllm_steer.testing import CPU_SERVER_ARGS, ServerProcess, plain_server_command, random_steer, steer_server_command
 from vllm_steer.tools.default_model import default_model_dir, default_output_embedding
-from vllm_steer.tools.random_steer import random_steer
 
 BATCH = 64
 WORKLOADS = ["unsteered", "own", "one", "half"]

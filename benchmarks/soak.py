@@ -34,9 +34,8 @@ from typing import Any
 import httpx
 import torch
 
-from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+from vllm_steer.testing import CPU_SERVER_ARGS, ServerProcess, random_steer, steer_server_command
 from vllm_steer.tools.default_model import default_model_dir, default_output_embedding
-from vllm_steer.tools.random_steer import random_steer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PROMPTS = [

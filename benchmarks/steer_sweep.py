@@ -125,7 +125,7 @@ async def generate_all(url: str, jobs: list[dict], concurrency: int = 48) -> lis
 
 
 def run_generation(plan: list[dict], samples: int, out_path: Path, steers: dict[str, str]) -> None:
-    from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+    from vllm_steer.testing import CPU_SERVER_ARGS, ServerProcess, steer_server_command
     from vllm_steer.tools.default_model import default_model_dir
 
     jobs = []

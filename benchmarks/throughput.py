@@ -26,10 +26,9 @@ import openai
 import torch
 
 from vllm_steer import SteerFile
-from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, plain_server_command, steer_server_command
 from vllm_steer.steer.formula import steered_hidden
+from vllm_steer.testing import CPU_SERVER_ARGS, ServerProcess, plain_server_command, random_steer, steer_server_command
 from vllm_steer.tools.default_model import default_model_dir, default_output_embedding
-from vllm_steer.tools.random_steer import random_steer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 WORDS = ("river market window silver garden engine letter mountain story yellow winter paper station "

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from vllm_steer.testing import recompute_step_loss
 from vllm_steer.tools.default_model import default_model_dir
 from vllm_steer.tools.hf_model import load_frozen_model, output_head
 from vllm_steer.tools.hidden_cache import build_cache
@@ -28,7 +29,6 @@ from vllm_steer.tools.training import (
     cached_step_loss,
     initial_projectors,
     prepare_examples,
-    recompute_step_loss,
     training_vectors,
 )
 from vllm_steer.tools.training_data import load_labelled_file

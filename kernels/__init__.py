@@ -24,7 +24,7 @@ def steer_hidden_gather(
     bank's host-side facts (`GatherLayout.of`), which the CUDA path needs to launch without reading
     `cols` back from the device; None there costs a synchronisation."""
     if hidden.is_cuda:
-        from .steer_triton import steer_hidden_gather_triton
+        from .triton_ops import steer_hidden_gather_triton
 
         return steer_hidden_gather_triton(hidden, down, up, cols, row_steer, row_values, layout=layout)
     if down.dim() == 1:
@@ -39,7 +39,7 @@ def warm_up(down: torch.Tensor, up: torch.Tensor, cols: torch.Tensor, max_dims: 
     weights; nothing to do off CUDA. Returns how many variants were launched."""
     if not down.is_cuda:
         return 0
-    from .steer_triton import warm_up as warm_up_triton
+    from .triton_ops import warm_up as warm_up_triton
 
     return warm_up_triton(down, up, cols, max_dims=max_dims, max_batch=max_batch, max_steers=max_steers,
                           hidden_dtype=hidden_dtype, layout=layout)

@@ -24,10 +24,15 @@ class GatherLayout:
     def of(cls, cols: Iterable[Iterable[int]]) -> GatherLayout:
         """From the rows (down_start, K, r, up_start) of a bank's `cols`, as host integers."""
         rows = [tuple(int(x) for x in row) for row in cols]
-        align = 16
-        for down_start, _, _, _ in rows:
-            while align > 1 and down_start % align:
-                align //= 2
         return cls(num_steers=len(rows), max_cols=max((k * r for _, k, r, _ in rows), default=0),
-                   max_dims=max((k for _, k, _, _ in rows), default=0), start_align=align,
+                   max_dims=max((k for _, k, _, _ in rows), default=0),
+                   start_align=pow2_divisor(*(down_start for down_start, *_ in rows)),
                    dense=any(up_start < 0 for *_, up_start in rows))
+
+
+def pow2_divisor(*xs: int, cap: int = 16) -> int:
+    """The largest power of two up to `cap` that divides every x."""
+    align = cap
+    while align > 1 and any(x % align for x in xs):
+        align //= 2
+    return align

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import openai
 
-from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
+from vllm_steer.testing import CPU_SERVER_ARGS, ServerProcess, random_steer, steer_server_command
 from vllm_steer.tools.default_model import default_model_dir, default_output_embedding
-from vllm_steer.tools.random_steer import random_steer
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ["The movie I watched last night was", "My neighbour just told me that", "The food at this restaurant"]

@@ -25,34 +25,18 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         del os.environ["TRITON_INTERPRET"]
 
 import pytest  # noqa: E402
+from helpers import ENGINE_ARGS, SERVER_ENV, STEER_SERVER_ARGS, random_steer  # noqa: E402
 
-from vllm_steer import SteerFile, embedding_fingerprint  # noqa: E402
-from vllm_steer.serving.server_process import (  # noqa: E402
-    CPU_SERVER_ARGS,
+from vllm_steer import (  # noqa: E402
+    SteerFile,
+    embedding_fingerprint,  # noqa: E402
+)
+from vllm_steer.testing import (  # noqa: E402
     ServerProcess,
     plain_server_command,
     steer_server_command,
 )
-from vllm_steer.tools import random_steer as random_steers  # noqa: E402
 from vllm_steer.tools.default_model import default_model_dir, default_output_embedding  # noqa: E402
-
-# Prefix caching and chunked prefill on, with a token budget small enough that the long
-# prompt in the isolation test is prefilled in several chunks.
-ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-caching", "--enable-chunked-prefill",
-               "--max-num-batched-tokens", "128", "--seed", "0"]
-SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-# The session's steer server also runs the runtime registry, and bounds beta more tightly.
-STEER_SERVER_ARGS = ["--allow-runtime-updates", "--steer-bound", "beta=20"]
-# vLLM's automatic CPU binding wants one NUMA node per process that computes (tensor or pipeline
-# rank, data-parallel engine); this machine has one, so the two processes' OpenMP threads are bound
-# by hand, one allowed core each.
-ALLOWED_CPUS = sorted(os.sched_getaffinity(0))
-two_cores = pytest.mark.skipif(len(ALLOWED_CPUS) < 2,
-                               reason="two ranks or engines on CPU need two cores to bind them to")
-TWO_PROCESS_ENV = {**SERVER_ENV, "VLLM_CPU_OMP_THREADS_BIND": "|".join(map(str, ALLOWED_CPUS[:2]))}
-# Large enough that +-5 changes greedy text, small enough that it stays text: at s=5 the
-# steer moves h by roughly a fifth of its norm (eps * s * sigma^2 * sqrt(r * D) ~ 0.2).
-STEER_SIGMA = 0.45
 
 
 @pytest.fixture(scope="session")
@@ -65,10 +49,13 @@ def output_embedding(model_dir: Path) -> torch.Tensor:
     return default_output_embedding(model_dir)
 
 
-def random_steer(dim_names: list[str], rank: int, seed: int, fingerprint: dict | None, **kw) -> SteerFile:
-    """A random steer for the default model (D = 576) at the suite's strength."""
-    return random_steers.random_steer(dim_names, 576, rank, seed=seed, sigma=STEER_SIGMA, fingerprint=fingerprint,
-                                      base_model="SmolLM2-135M-Instruct", **kw)
+@pytest.fixture(scope="session")
+def hf_model(model_dir):
+    """transformers' copy of the default model in float32, and its tokenizer: loaded once per session."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), \
+        AutoTokenizer.from_pretrained(model_dir)
 
 
 @pytest.fixture(scope="session")
@@ -135,3 +122,21 @@ def servers(model_dir, steer_paths, tmp_path_factory):
         plain.stop()
         if os.environ.get("VLLM_STEER_SHOW_SERVER_LOGS"):
             print(steer.log_tail(), file=sys.stderr)
+
+
+@pytest.fixture
+def worker_steering(monkeypatch):
+    """This process as a new vLLM worker process: a fresh WorkerSteering, the old one restored after."""
+    from vllm_steer.serving import worker
+
+    fresh = worker.WorkerSteering()
+    monkeypatch.setattr(worker, "_STEERING", fresh)
+    return fresh
+
+
+@pytest.fixture
+def fresh_front_end(monkeypatch):
+    """This process as a new API front end: nothing admitted yet (read from VLLM_STEER_CONFIG on first use)."""
+    from vllm_steer.serving import front_end
+
+    monkeypatch.setattr(front_end, "_admitted", None)

@@ -5,9 +5,11 @@ test_reference_serving.py."""
 
 from __future__ import annotations
 
+from argparse import Namespace
+
 import pytest
 
-from vllm_steer.serving.cpu_kv_cache import (
+from vllm_steer.launch.cpu_kv_cache import (
     GIB,
     KV_SPACE_ENV,
     KVCacheDoesNotFit,
@@ -16,6 +18,7 @@ from vllm_steer.serving.cpu_kv_cache import (
     kv_bytes_per_token,
     size_kv_cache,
 )
+from vllm_steer.launch.plan import parse_vllm_args
 
 # The default model (SmolLM2-135M): 30 layers, 3 kv heads of 64, float32.
 DEFAULT_MODEL_BPT = 46_080
@@ -71,7 +74,7 @@ def test_this_venv_is_the_cpu_build():
 
 
 def test_operator_env_var_wins_without_reading_anything():
-    choice = choose_cpu_kv_cache("/nonexistent/model", ["--kv-cache-memory-bytes", "bogus"], {KV_SPACE_ENV: "3"})
+    choice = choose_cpu_kv_cache(Namespace(), {KV_SPACE_ENV: "3"})  # a namespace with nothing in it: not read
     assert choice.args == [] and f"3 GiB, the operator's {KV_SPACE_ENV}" in choice.message
 
 
@@ -82,28 +85,33 @@ def test_operator_env_var_wins_without_reading_anything():
     (["--num-gpu-blocks-override", "20"], "20 blocks, the operator's --num-gpu-blocks-override"),
 ])
 def test_operator_arguments_win(model_dir, operator_args, says):
-    choice = choose_cpu_kv_cache(str(model_dir), ["--dtype", "float32", *operator_args], {})
+    choice = choose(model_dir, ["--dtype", "float32", *operator_args], {})
     assert choice.args == [] and says in choice.message
 
 
 def test_operator_config_file_wins(model_dir, tmp_path):
     (tmp_path / "serve.yaml").write_text("kv-cache-memory-bytes: 1G\nmax-num-seqs: 8\n")
-    choice = choose_cpu_kv_cache(str(model_dir), ["--config", str(tmp_path / "serve.yaml")], {})
+    choice = choose(model_dir, ["--config", str(tmp_path / "serve.yaml")], {})
     assert choice.args == [] and "1.00 GiB, the operator's" in choice.message
 
 
 def test_chosen_from_the_models_config(model_dir):
-    choice = choose_cpu_kv_cache(str(model_dir), ["--dtype", "float32", "--max-model-len", "1024",
-                                                  "--max-num-seqs", "4"], {})
+    choice = choose(model_dir, ["--dtype", "float32", "--max-model-len", "1024",
+                                    "--max-num-seqs", "4"], {})
     assert choice.args == ["--kv-cache-memory-bytes", str(4 * 8 * BLOCK)]
     assert choice.size.bytes_per_token == DEFAULT_MODEL_BPT and choice.size.tokens == 4096
     assert "= 4,096 tokens (46,080 B/token, float32; max-model-len 1,024, max-num-seqs 4" in choice.message
     # Defaults from vLLM: the model's max length (8192) and the CPU server's 128 sequences; bf16 halves the bytes.
-    readme = choose_cpu_kv_cache(str(model_dir), ["--dtype", "bfloat16"], {})
+    readme = choose(model_dir, ["--dtype", "bfloat16"], {})
     assert readme.size.max_model_len == 8192 and readme.size.max_num_seqs == 128
     assert readme.size.bytes_per_token == DEFAULT_MODEL_BPT // 2 and readme.size.bytes <= 2 * GIB
 
 
-def test_arguments_vllm_rejects_are_left_to_vllm(model_dir):
-    choice = choose_cpu_kv_cache(str(model_dir), ["--max-num-seqs", "many"], {})
-    assert choice.args == [] and "rejected" in choice.message
+def test_arguments_vllm_rejects_stop_before_anything_is_sized(model_dir):
+    with pytest.raises(ValueError, match="vLLM's argument parser rejected the arguments"):
+        parse_vllm_args(str(model_dir), ["--max-num-seqs", "many"])
+
+
+def choose(model_dir, vllm_args: list[str], environ: dict[str, str]):
+    """What `vllm-steer serve` does: vLLM's arguments parsed once, the KV cache chosen from the parse."""
+    return choose_cpu_kv_cache(parse_vllm_args(str(model_dir), vllm_args), environ)

@@ -23,13 +23,22 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import SERVER_ENV, TWO_PROCESS_ENV, two_cores
+from helpers import (
+    LONG_PROMPT,
+    PROMPTS,
+    SERVER_ENV,
+    TWO_PROCESS_ENV,
+    client,
+    complete,
+    run_alone,
+    run_concurrently,
+    two_cores,
+)
 from prometheus_client.parser import text_string_to_metric_families
-from test_serving import LONG_PROMPT, PROMPTS, client, complete, run_alone, run_concurrently
 
 from vllm_steer import SteerFile, embedding_fingerprint
-from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, steer_server_command
 from vllm_steer.steer.fingerprint import fingerprint_mismatch
+from vllm_steer.testing import CPU_SERVER_ARGS, ServerProcess, steer_server_command
 
 # A KV cache of 20 blocks of 32 tokens (640 tokens) for up to 16 sequences: 16 requests of
 # ~10 prompt + 64 new tokens need ~48 blocks, so the scheduler must preempt and resume.

@@ -30,7 +30,8 @@ import torch
 
 import vllm_steer, vllm_steer.kernels
 from vllm_steer import SteerFile
-from vllm_steer.steer.formula import SteerBank, steered_hidden
+from vllm_steer.steer.bank import CPU_STORAGE, SteerBank
+from vllm_steer.steer.formula import steered_hidden
 
 found = {}
 for group in ("vllm.general_plugins", "vllm.endpoint_plugins"):
@@ -45,7 +46,7 @@ from vllm_steer.plugin import SteerLogitsProcessor
 
 # The CPU op from the installed kernels against the formula, on a shipped steer.
 steer = SteerFile.load(sys.argv[1])
-bank = SteerBank.pack({"s": steer}, "cpu", dense=False)
+bank = SteerBank.pack({"s": steer}, CPU_STORAGE)
 h = torch.randn(3, steer.header.hidden_size, generator=torch.Generator().manual_seed(0))
 values = torch.tensor([[4.0, 1.0], [-2.0, 1.0], [0.0, 0.0]])
 rows, vals = [], []

@@ -46,7 +46,7 @@ ARCHS = {"sm_90": 90, "sm_80": 80}
 
 # The plugin's grid: every batch 1..512 with 1..4 slots (the default max_steers_per_request) at
 # these sizes. On CUDA the plugin keeps the steer weights in the model's dtype (bf16, fp16; fp32 for
-# an fp32 model: serving/step.py), so those pairs get the whole grid; fp32 weights under a 16-bit
+# an fp32 model: serving/worker.py), so those pairs get the whole grid; fp32 weights under a 16-bit
 # model (the kernel accepts them, the kernel tests use them) get D = 4096 and MIXED_BANKS.
 PLUGIN_BATCHES = range(1, 513)
 PLUGIN_SLOTS = range(1, 5)
@@ -96,7 +96,8 @@ def _enumerate(arch: str, subset: str) -> list[dict]:
     from triton.compiler import make_backend
     from triton.runtime.jit import create_function_from_signature
 
-    from vllm_steer.kernels import steer_triton as st
+    from vllm_steer.kernels import triton_ops as st
+    from vllm_steer.kernels.layout import GatherLayout
 
     backend = make_backend(GPUTarget("cuda", ARCHS[arch], 32))
     target = st.TARGETS[arch]
@@ -104,14 +105,14 @@ def _enumerate(arch: str, subset: str) -> list[dict]:
     variants: dict = {}
 
     tk = _tests_module()
-    assert type(st._gshrink_kernel).__name__ == "JITFunction"
+    assert type(st.gather_kernels.shrink_kernel).__name__ == "JITFunction"
 
     def add(label: str, layout: dict, cfg) -> None:
         hidden, down, up, cols, row_steer, values, out, lay = tk.meta_inputs(layout)
         default = cfg is None
         if default:
-            cfg = st._default_config(hidden, down, row_steer, lay, target)
-        for launch in st._plan(hidden, down, up, cols, row_steer, values, out, lay, cfg, target, False):
+            cfg = st.default_config(hidden, down, row_steer, lay, target)
+        for launch in st.plan_launches(hidden, down, up, cols, row_steer, values, out, lay, cfg, target, False):
             fn = launch.kernel
             if fn not in binders:
                 binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
@@ -134,12 +135,12 @@ def _enumerate(arch: str, subset: str) -> list[dict]:
             for bank in banks:
                 steers = PLUGIN_BANKS[bank]
                 rows, c, _ = tk.bank_cols(steers)
-                lay = st.GatherLayout.of(rows)
-                col_align = st._col_align(torch.empty(d, c, dtype=wdt, device="meta"), lay)
+                lay = GatherLayout.of(rows)
+                col_align = st.col_align(torch.empty(d, c, dtype=wdt, device="meta"), lay)
                 seen = set()
                 for s in slots:
                     for b in batches:
-                        cfg = st._pick_config(b * s, d, lay.max_cols, target, dt.itemsize, wdt.itemsize, col_align,
+                        cfg = st.pick_config(b * s, d, lay.max_cols, target, dt.itemsize, wdt.itemsize, col_align,
                                               s > 1)
                         if (cfg, s > 1) in seen and subset != "report":  # B and S are not specialised
                             continue
@@ -221,9 +222,9 @@ def worker(argv: list[str]) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_kernel_triton's launch list
     import triton
 
-    from vllm_steer.kernels import steer_triton as st
+    from vllm_steer.kernels import triton_ops as st
 
-    if type(st._gshrink_kernel).__name__ != "JITFunction":
+    if type(st.gather_kernels.shrink_kernel).__name__ != "JITFunction":
         raise SystemExit("the kernels were loaded for the interpreter")
     index, count = (int(x) for x in args.shard.split("/"))
     with args.out.open("w") as out:
@@ -298,11 +299,11 @@ def run_workers(jobs: list[tuple[Path | None, str, int]], outdir: Path, timeout_
 def expected_mma(row: dict) -> str | None:
     """The tensor-core input type the row's dots must use (None: the kernel has no dot)."""
     c = row["constexprs"]
-    if row["kernel"] == "_gshrink_kernel":
+    if row["kernel"] == "shrink_kernel":
         if c["NATIVE"]:
             return {"*bf16": "bf16", "*fp16": "f16"}[row["arg_types"][0]]
         return "tf32"
-    if row["kernel"] == "_gexpand_kernel":
+    if row["kernel"] == "expand_kernel":
         return "bf16" if c["HILO"] else "tf32"
     return None
 
@@ -311,7 +312,7 @@ def weight_row_alignment(row: dict) -> int:
     """Bytes to which the rows of the main loop's weight tile are known to be aligned: cp.async
     (the pipeline's copies) needs 4 at least, so 2-byte weights with odd rows cannot be pipelined."""
     size = {"*bf16": 2, "*fp16": 2, "*fp32": 4}[row["arg_types"][1]]
-    if row["kernel"] == "_gshrink_kernel":
+    if row["kernel"] == "shrink_kernel":
         return row["constexprs"]["COL_ALIGN"] * size
     aligned = row["specialisation"].get("stride_ur") == "D" and row["specialisation"].get("up_ptr") == "D"
     return (16 if aligned else 1) * size
@@ -321,12 +322,12 @@ def pipeline_depth(row: dict) -> int:
     """Buffers of the main loop's weight tile in the compiled TTGIR (0: not pipelined)."""
     c = row["constexprs"]
     wtype = {"*bf16": "bf16", "*fp16": "f16", "*fp32": "f32"}[row["arg_types"][1]]
-    tile = [c["BLOCK_K"], c["BLOCK_C"]] if row["kernel"] == "_gshrink_kernel" else [c["BLOCK_R"], c["BLOCK_D"]]
+    tile = [c["BLOCK_K"], c["BLOCK_C"]] if row["kernel"] == "shrink_kernel" else [c["BLOCK_R"], c["BLOCK_D"]]
     depths = [b[0] for b in row["buffers"] if b[1:3] == tile and b[3] == wtype]
     return max(depths, default=0)
 
 
-_MAIN_LOOP_KERNELS = ("_gshrink_kernel", "_gexpand_kernel")
+_MAIN_LOOP_KERNELS = ("shrink_kernel", "expand_kernel")
 
 
 try:
@@ -422,7 +423,7 @@ def write_report(path: Path) -> None:
              "", "Columns per kernel: registers per thread / spill bytes (stores+loads) / shared memory KiB / "
              "stages (weight-tile buffers) / warps / tensor-core instruction. `-` = not launched. The shrink "
              "and expand grids are persistent (at most two programs per SM, looping over the work items).", ""]
-    kernels = ["_plan_kernel", "_gshrink_kernel", "_gexpand_kernel", "_gfinal_kernel"]
+    kernels = ["plan_kernel", "shrink_kernel", "expand_kernel", "finalize_kernel"]
     for version in versions:
         for arch in ARCHS:
             lines += [f"## {arch}, Triton {version}", "",
@@ -446,7 +447,7 @@ def write_report(path: Path) -> None:
                                 cells.append(f"{x['registers']} / {x['spill_stores'] + x['spill_loads']} / "
                                              f"{x['shared'] / 1024:.0f} / {x['num_stages']} ({depth}) / "
                                              f"{x['num_warps']} / {mma}")
-                        sh, ex = got.get("_gshrink_kernel"), got.get("_gexpand_kernel")
+                        sh, ex = got.get("shrink_kernel"), got.get("expand_kernel")
                         shape = "-"
                         if sh and ex:
                             c, e = sh["constexprs"], ex["constexprs"]

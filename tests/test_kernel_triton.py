@@ -42,16 +42,18 @@ if pytest is not None:
 else:
     import triton  # noqa: F401
 
-from vllm_steer.kernels import steer_triton  # noqa: E402
+from vllm_steer.kernels import triton_ops  # noqa: E402
 from vllm_steer.kernels.layout import GatherLayout  # noqa: E402
 from vllm_steer.kernels.steer_torch import steer_hidden_gather_torch  # noqa: E402
 
-if os.environ.get("TRITON_INTERPRET") == "1" and type(steer_triton._gshrink_kernel).__name__ != "InterpretedFunction":
-    steer_triton = importlib.reload(steer_triton)  # imported earlier without the interpreter
+if os.environ.get("TRITON_INTERPRET") == "1" and type(triton_ops.gather_kernels.shrink_kernel).__name__ != \
+        "InterpretedFunction":  # imported earlier without the interpreter: the kernels first, then what binds them
+    for module in (triton_ops.gather_kernels, triton_ops.gather_op, triton_ops):
+        importlib.reload(module)
 if _SET_INTERPRET:
     del os.environ["TRITON_INTERPRET"]
 
-gather_triton = steer_triton.steer_hidden_gather_triton
+gather_triton = triton_ops.steer_hidden_gather_triton
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 # Tolerance: |out - ref| <= RTOL * |ref| + MTOL * mag, elementwise, where ref is the float64
@@ -242,7 +244,7 @@ def test_gather_matches_float64(case):
 # Explicit launch configs, to cover what the heuristic rarely picks at these sizes: splits over D
 # (2, 3, 5, 8 partials, empty trailing splits), 16-, 32- and 64-pair chunks, narrow and wide
 # tiles, explicit stage counts, one program per SM (each program walks many work items).
-C = steer_triton._Config
+C = triton_ops.Config
 CONFIGS = [
     (("composed", 9, 2, "mixed_ranks", 67), C(16, 16, 16, 3, 32, 16, programs_per_sm=1)),
     (("mixed", 20, 2, "aligned", 128), C(32, 32, 32, 2, 64, 32, shrink_stages=2, expand_stages=4)),
@@ -299,15 +301,16 @@ def test_explicit_stages_are_used_as_given():
     """An explicit stage count reaches Triton unchanged (it refuses one that does not fit, rather
     than the launcher quietly cutting it back); None means the per-target automatic depth, which
     pipelines the default configs at the GPU targets' sizes."""
-    target = steer_triton.TARGETS["sm_90"]
+    target = triton_ops.TARGETS["sm_90"]
     layout = dict(b=256, s=1, d=4096, bank="aligned", dtype=torch.bfloat16, wdtype=torch.bfloat16)
     hidden, down, up, cols, rs, values, out, lay = meta_inputs(layout)
-    cfg = steer_triton._default_config(hidden, down, rs, lay, target)
-    auto = steer_triton._plan(hidden, down, up, cols, rs, values, out, lay, cfg, target, False)
-    assert [launch.kernel for launch in auto[1:3]] == [steer_triton._gshrink_kernel, steer_triton._gexpand_kernel]
+    cfg = triton_ops.default_config(hidden, down, rs, lay, target)
+    auto = triton_ops.plan_launches(hidden, down, up, cols, rs, values, out, lay, cfg, target, False)
+    kernels = triton_ops.gather_kernels
+    assert [launch.kernel for launch in auto[1:3]] == [kernels.shrink_kernel, kernels.expand_kernel]
     assert all(launch.kwargs["num_stages"] >= 3 for launch in auto[1:3]), "the default config is not pipelined"
     forced = C(**{**cfg.__dict__, "shrink_stages": 9, "expand_stages": 8})
-    plan = steer_triton._plan(hidden, down, up, cols, rs, values, out, lay, forced, target, False)
+    plan = triton_ops.plan_launches(hidden, down, up, cols, rs, values, out, lay, forced, target, False)
     assert [launch.kwargs["num_stages"] for launch in plan[1:3]] == [9, 8]
 
 
@@ -390,7 +393,7 @@ def test_warm_up_launches_every_variant():
     rows, c, u = bank_cols(steers)
     lay = GatherLayout.of(rows)
     kmax = max(k for _, k in steers)
-    target = steer_triton._target_for(torch.empty(1, device=DEVICE))
+    target = triton_ops.target_for(torch.empty(1, device=DEVICE))
     down, up = torch.zeros(WARM["d"], c, device=DEVICE), torch.zeros(u, WARM["d"], device=DEVICE)
     cols = torch.tensor(rows, dtype=torch.int32, device=DEVICE)
     expected: set[tuple] = set()
@@ -398,13 +401,13 @@ def test_warm_up_launches_every_variant():
         for b in range(1, WARM["max_batch"] + 1):
             layout = dict(b=b, s=s, d=WARM["d"], bank=WARM["bank"], dtype=torch.float32, wdtype=torch.float32)
             hidden, mdown, mup, mcols, rs, values, out, _ = meta_inputs(layout)
-            cfg = steer_triton._default_config(hidden, mdown, rs, lay, target)
-            expected.update(launch.key for launch in
-                            steer_triton._plan(hidden, mdown, mup, mcols, rs, values, out, lay, cfg, target, False))
+            cfg = triton_ops.default_config(hidden, mdown, rs, lay, target)
+            launches = triton_ops.plan_launches(hidden, mdown, mup, mcols, rs, values, out, lay, cfg, target, False)
+            expected.update(launch.key for launch in launches)
     assert len(expected) > 5, "the sizes should make the heuristic pick several variants"
-    count = steer_triton.warm_up(down, up, cols, kmax, WARM["max_batch"], WARM["max_steers"], torch.float32)
+    count = triton_ops.warm_up(down, up, cols, kmax, WARM["max_batch"], WARM["max_steers"], torch.float32)
     assert count == len(expected)
-    assert steer_triton.variant_keys(down, up, cols, kmax, WARM["max_batch"], WARM["max_steers"], torch.float32,
+    assert triton_ops.variant_keys(down, up, cols, kmax, WARM["max_batch"], WARM["max_steers"], torch.float32,
                                      target) == expected
 
 
@@ -471,7 +474,7 @@ def test_padded_bank_reads_past_k_r_safely():
         args = (h.to(DEVICE, dtype), down.to(DEVICE, wdtype), up.to(DEVICE, wdtype),
                 torch.tensor(rows, dtype=torch.int32, device=DEVICE), rs.to(DEVICE), values.to(DEVICE))
         lay = GatherLayout.of(rows)
-        assert steer_triton._col_align(args[1], lay) == 16 // args[1].element_size()
+        assert triton_ops.col_align(args[1], lay) == 16 // args[1].element_size()
         check(gather_triton(*args, layout=lay), *args)
 
 
@@ -480,7 +483,7 @@ def test_steer_bank_layout_drives_the_kernel():
     layout (no cols read-back): the kernel and the torch op on the bank against float64."""
     try:
         from vllm_steer import SteerFile
-        from vllm_steer.steer.formula import SteerBank
+        from vllm_steer.steer.bank import KERNEL_STORAGE, SteerBank
     except ImportError as exc:  # a machine without the plugin's dependencies
         if pytest is not None:
             pytest.skip(f"vllm_steer's steer module cannot be imported: {exc}")
@@ -490,7 +493,7 @@ def test_steer_bank_layout_drives_the_kernel():
     steers = {f"s{r}": SteerFile.create(torch.randn(k, d, r, generator=g), torch.randn(k, d, r, generator=g),
                                         dim_names=[f"d{i}" for i in range(k)], epsilon=0.05)
               for r, k in [(1, 2), (3, 1), (64, 2)]}
-    bank = SteerBank.pack(steers, "cpu", dense=False, bags=False).placed(DEVICE, torch.float32)
+    bank = SteerBank.pack(steers, KERNEL_STORAGE).placed(DEVICE, torch.float32)
     assert bank.layout == GatherLayout.of(bank.cols.tolist())
     h = torch.randn(6, d, generator=g).to(DEVICE)
     rs = torch.tensor([[0, 2], [1, -1], [-1, -1], [2, 2], [1, 0], [-1, 2]], dtype=torch.int32, device=DEVICE)
@@ -520,11 +523,11 @@ def test_benchmark_helpers_on_tiny_shapes():
         spec.loader.exec_module(kb)
     finally:
         del sys.modules[spec.name]
-    kb.steer_triton = steer_triton  # the interpreter's kernels
+    kb.triton_ops = triton_ops  # the interpreter's kernels
     kb.DEVICE, kb.D, kb.LOADED, kb.BATCH, kb.RANKS = "cpu", 32, 6, 8, [4]
     kb.graph_time_us = lambda fn, flush: (fn(), 2.0)[1]
     kb.eager_time_us = lambda fn: (fn(), 3.0)[1]
-    kb.device_target = lambda: steer_triton.TARGETS["interpreter"]
+    kb.device_target = lambda: triton_ops.TARGETS["interpreter"]
     bank = kb.make_bank(4, loaded=6, device="cpu")
     assert bank.layout.num_steers == 6 and bank.layout.max_cols == 8 and not bank.layout.dense
     rs, values = kb.make_rows(3, 2, loaded=6, batch=8, device="cpu")
@@ -533,8 +536,8 @@ def test_benchmark_helpers_on_tiny_shapes():
     rows.append(kb.bench_point(bank, 2, 2, 1e12, None))
     for row in rows:
         assert row["max_abs_diff_vs_torch"] < 0.05 and row["est_bytes"] >= row["floor_bytes"]
-        assert [x["kernel"] for x in row["launches"]] == ["_plan_kernel", "_gshrink_kernel", "_gexpand_kernel",
-                                                          "_gfinal_kernel"]
+        assert [x["kernel"] for x in row["launches"]] == ["plan_kernel", "shrink_kernel", "expand_kernel",
+                                                          "finalize_kernel"]
     assert rows[1]["floor_bytes"] - rows[0]["floor_bytes"] == 2 * bank.steer_bytes
     with tempfile.TemporaryDirectory() as tmp:
         meta = {"device": "cpu", "torch": torch.__version__, "triton": "-", "cuda": None, "date": "-",
@@ -545,11 +548,11 @@ def test_benchmark_helpers_on_tiny_shapes():
         assert "| 4 | 1 | 3 |" in text and "rank 4 S=1: ok" in text
 
 
-def launch_cases() -> list[tuple[str, dict, steer_triton._Config | None]]:
+def launch_cases() -> list[tuple[str, dict, triton_ops.Config | None]]:
     """Every kernel call this module makes on a GPU, as (label, layout, explicit config or None for
     the heuristic's), for tests/test_kernel_compile.py to compile for sm_90 and sm_80 (see
     `meta_inputs` for the layout's keys)."""
-    cases: list[tuple[str, dict, steer_triton._Config | None]] = []
+    cases: list[tuple[str, dict, triton_ops.Config | None]] = []
     for (_, b, s), bank, d, dt, wdt, _ in MAIN:
         cases.append(("matches_float64", dict(b=b, s=s, d=d, bank=bank, dtype=dt, wdtype=wdt, rs64=True), None))
     for (_, b, s, bank, d), cfg, dt, wdt in FORCED:

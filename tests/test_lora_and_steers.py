@@ -12,12 +12,11 @@ from pathlib import Path
 import openai
 import pytest
 import torch
-from conftest import ENGINE_ARGS, SERVER_ENV
+from helpers import ENGINE_ARGS, SERVER_ENV, hf_steered_logprobs, token_ids
 from safetensors.torch import save_file
-from test_serving import hf_steered_logprobs, token_ids
 
 from vllm_steer import SteerFile
-from vllm_steer.serving.server_process import ServerProcess, plain_server_command, steer_server_command
+from vllm_steer.testing import ServerProcess, plain_server_command, steer_server_command
 
 LORA_RANK = 8
 LORA_ALPHA = 16

@@ -13,12 +13,20 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import ENGINE_ARGS, SERVER_ENV, random_steer
-from test_serving import complete, hf_steered_logprobs, run_alone, run_concurrently, token_ids
+from helpers import (
+    ENGINE_ARGS,
+    SERVER_ENV,
+    complete,
+    hf_steered_logprobs,
+    random_steer,
+    run_alone,
+    run_concurrently,
+    token_ids,
+)
 
 from vllm_steer import SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
-from vllm_steer.serving.server_process import ServerProcess, steer_server_command
+from vllm_steer.testing import ServerProcess, steer_server_command
 
 NUM_STEERS = 200
 MAX_PER_REQUEST = 3
@@ -109,14 +117,6 @@ def check_batch_against_formula(server, hf_model, steers, batch):
         for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs, strict=True)):
             worst = max(worst, abs(lp - ref[len(ids) - 1 + i, tok].item()))
     assert worst < 2e-3, f"largest |logprob difference| vs the HF formula: {worst}"
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval(), \
-        AutoTokenizer.from_pretrained(model_dir)
 
 
 def test_mixed_batch_of_many_steers_matches_the_formula(many, hf_model):

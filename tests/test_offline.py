@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from test_serving import PROMPTS, complete
+from helpers import PROMPTS, complete
 
 from vllm_steer import SteerFile
 

@@ -13,17 +13,14 @@ import re
 import sys
 
 import pytest
-import test_serving
 import torch
+from helpers import complete, hf_steered_logprobs, token_ids
 from reference_writers import head_namespace, write_train_checkpoint, write_transfer_checkpoint
-from test_serving import complete, hf_steered_logprobs, token_ids
 
 from vllm_steer import SteerFile
 from vllm_steer.cli import main
-from vllm_steer.serving.cpu_kv_cache import KV_SPACE_ENV, size_kv_cache
-from vllm_steer.serving.server_process import ServerProcess, steer_server_command
-
-hf_model = test_serving.hf_model  # its module-scoped fixture: transformers' copy of the default model
+from vllm_steer.launch.cpu_kv_cache import KV_SPACE_ENV, size_kv_cache
+from vllm_steer.testing import ServerProcess, steer_server_command
 
 D = 576
 MAX_MODEL_LEN, MAX_NUM_SEQS = 1024, 4

@@ -10,9 +10,8 @@ import httpx
 import openai
 import pytest
 import torch
-from conftest import random_steer
 from fastapi import FastAPI
-from test_serving import PROMPTS, client, complete
+from helpers import PROMPTS, client, complete, random_steer
 
 from vllm_steer import embedding_fingerprint
 
@@ -160,12 +159,12 @@ def test_a_steer_loaded_again_under_a_retired_name():
 
     from vllm_steer import SteerConfig
     from vllm_steer.serving.table import SteerTable
-    from vllm_steer.steer.formula import SteerBank
+    from vllm_steer.steer.bank import CPU_STORAGE, SteerBank
 
     old, new = random_steer(["gamma"], 4, 1, None), random_steer(["gamma"], 4, 2, None)
     alpha = random_steer(["alpha"], 4, 3, None)
     both = SteerConfig({"alpha": "a.safetensors", "gamma": "g.safetensors"})
-    table = SteerTable(both, SteerBank.pack({"alpha": alpha, "gamma": old}), 4, torch.device("cpu"))
+    table = SteerTable(both, SteerBank.pack({"alpha": alpha, "gamma": old}, CPU_STORAGE), 4, torch.device("cpu"))
     table.set(0, SimpleNamespace(extra_args={"steer_gamma": 3.0}))
     unloaded = table.with_steers(both.without_steer("gamma"), {})
     unloaded.carry_rows_from(table)

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from helpers import stand_in_config
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcRequestState
@@ -20,29 +21,15 @@ from vllm.v1.worker.gpu.sample.logits_processor.loader import build_custom_logit
 
 from vllm_steer import SteerConfig, SteerFile
 from vllm_steer.plugin import SteerLogitsProcessor, register_plugin
-from vllm_steer.serving import config as serving_config
-from vllm_steer.serving.step import STEP
+from vllm_steer.serving.worker import SamplingRows
 from vllm_steer.steer.values import parse_steer_args, steer_values
 
 
 @pytest.fixture
-def served(steer_paths, monkeypatch):
+def served(steer_paths, monkeypatch, worker_steering, fresh_front_end):
     monkeypatch.setenv("VLLM_STEER_CONFIG", SteerConfig(steers=steer_paths).to_json())
-    monkeypatch.setattr(serving_config, "_SERVED", None)
     register_plugin()  # as vLLM's plugin loader does in every process, before any model is built
-    yield {name: SteerFile.load(path) for name, path in steer_paths.items()}
-    monkeypatch.setattr(STEP, "table", None)
-
-
-def stand_in_config(v2: bool, max_num_seqs: int = 8):
-    return SimpleNamespace(
-        use_v2_model_runner=v2,
-        parallel_config=SimpleNamespace(enable_batch_sharded_sampling=False),
-        model_config=SimpleNamespace(get_hidden_size=lambda: 576, get_vocab_size=lambda: 49152),
-        scheduler_config=SimpleNamespace(max_num_seqs=max_num_seqs),
-        speculative_config=None,
-        additional_config={},
-    )
+    return {name: SteerFile.load(path) for name, path in steer_paths.items()}
 
 
 def expected_row(h, steers, xargs):
@@ -101,10 +88,12 @@ class _LogitsComputed(Exception):
 def run_real_sample(runner_cls, h, rows):
     """Call the real (wrapped) GPUModelRunner.sample up to its logits computation and return
     the hidden states the steered layer produced for the LM head."""
+    from vllm_steer.serving.worker import worker_steering
+
     seen = {}
 
-    def compute_logits(hidden):
-        seen["h"] = STEP.take(hidden)
+    def compute_logits(hidden):  # the model's steered logits layer, as far as it steers
+        seen["h"] = worker_steering().steer_sampling_rows(hidden)
         raise _LogitsComputed
 
     runner = SimpleNamespace(batch_sharder=None, model=SimpleNamespace(compute_logits=compute_logits))
@@ -117,7 +106,7 @@ def run_real_sample(runner_cls, h, rows):
     return seen["h"]
 
 
-def test_v1_table_follows_batch_updates(served):
+def test_v1_table_follows_batch_updates(served, worker_steering):
     """Random add/remove/move/swap sequences, applied in vLLM's order (removed, added,
     moved), leave every row holding its own request's values."""
     proc = SteerLogitsProcessor(stand_in_config(v2=False, max_num_seqs=16), torch.device("cpu"), False)
@@ -154,14 +143,13 @@ def test_v1_table_follows_batch_updates(served):
             moved.append((a, b, MoveDirectionality.SWAP))
         proc.update_state(BatchUpdate(batch_size=len(model), removed=removed, added=added, moved=moved))
         for row, xargs in enumerate(model):
-            request = parse_steer_args(xargs, proc.table.config.catalog, 50)
+            request = parse_steer_args(xargs, proc.table.bank.headers, 50)
             indices, values = proc.table.bank.row_entries(request)
             held = [int(n) for n in proc.table.host_steers[row] if n >= 0]
             assert held == indices, (row, xargs)
             for slot, vals in enumerate(values):
                 assert proc.table.host_values[row, slot, :len(vals)].tolist() == pytest.approx(vals), (row, xargs)
-        assert STEP.armed_rows == len(model)
-        assert STEP.steered == any(bool(x) for x in model)
+        assert worker_steering._armed == SamplingRows(len(model), any(bool(x) for x in model))
 
 
 def test_mrv2_refuses_a_model_built_without_the_steered_layer(served, monkeypatch):
@@ -177,7 +165,8 @@ def test_mrv2_refuses_a_model_built_without_the_steered_layer(served, monkeypatc
         SteerLogitsProcessor(stand_in_config(v2=True), req_states)
 
 
-def test_a_loaded_model_is_checked_and_the_steers_placed_before_any_step(served, monkeypatch, output_embedding):
+def test_a_loaded_model_is_checked_and_the_steers_placed_before_any_step(served, worker_steering, monkeypatch,
+                                                                         output_embedding):
     """Right after vLLM loads the model (whether or not a warm-up follows): a model whose logits
     layer is vLLM's own is refused; one with the steered layer gets its steers checked against its
     LM head and placed; a pipeline stage without a logits layer is left alone."""
@@ -185,10 +174,8 @@ def test_a_loaded_model_is_checked_and_the_steers_placed_before_any_step(served,
     from vllm.model_executor.custom_op import op_registry_oot
     from vllm.model_executor.layers.logits_processor import LogitsProcessor
 
-    from vllm_steer.serving.compat import attach_model
+    from vllm_steer.serving.vllm_patches import attach_model
 
-    for field in ("placement", "lm_head", "hidden_dtype"):  # restored after the test
-        monkeypatch.setattr(STEP, field, None)
     proc = SteerLogitsProcessor(stand_in_config(v2=False), torch.device("cpu"), False)
     head = torch.nn.Module()
     head.weight = torch.nn.Parameter(output_embedding, requires_grad=False)
@@ -200,10 +187,11 @@ def test_a_loaded_model_is_checked_and_the_steers_placed_before_any_step(served,
     with pytest.raises(RuntimeError, match="built without the steered logits layer"):
         attach_model(plain, torch.float32)
     attach_model(torch.nn.ModuleDict({"layer": torch.nn.Linear(2, 2)}), torch.float32)  # no LM head here
-    assert STEP.placement is None
+    assert worker_steering.placement is None
     steered.lm_head = head
     attach_model(steered, torch.float32)
-    assert STEP.placement == (torch.device("cpu"), torch.float32) and STEP.lm_head is head
+    assert worker_steering.placement == (torch.device("cpu"), torch.float32) and worker_steering.lm_head is head
+    assert steered.logits_processor.steering is worker_steering  # the layer is handed the worker's steering
     assert proc.table.bank.device == torch.device("cpu")
 
 
@@ -268,3 +256,30 @@ def test_steered_beam_search_is_refused_for_speech_to_text_too(served):
 def _defaults(model_class) -> dict:
     return {name: field.get_default(call_default_factory=True) for name, field in model_class.model_fields.items()
             if not field.is_required()}
+
+
+def test_only_the_steps_sampling_call_is_steered_and_a_surprise_is_loud(served, worker_steering):
+    """The runner says which logits call is the step's sampling one (the legacy runner's execute_model and
+    Model Runner V2's sample open a window around it): outside the window (profile runs, prompt logprobs)
+    rows pass through untouched; inside, the armed rows are steered; a call with another row count, or a
+    second call in the window, while steered rows are armed, raises instead of serving them unsteered."""
+    proc = SteerLogitsProcessor(stand_in_config(v2=False), torch.device("cpu"), False)
+    proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                  added=[(0, SamplingParams(extra_args={"steer_alpha": 5}), None, []),
+                                         (1, SamplingParams(), None, [])]))
+    h = torch.randn(2, 576)
+    assert worker_steering.steer_sampling_rows(h) is h  # no window: not the sampling call
+    with worker_steering.sampling():
+        steered = worker_steering.steer_sampling_rows(h)
+        with pytest.raises(RuntimeError, match="in call 2, where 2 rows in one call were expected"):
+            worker_steering.steer_sampling_rows(h)
+    torch.testing.assert_close(steered[0].double(), expected_row(h[0], served, {"steer_alpha": 5}),
+                               rtol=1e-5, atol=1e-4)
+    assert torch.equal(steered[1], h[1])
+    with worker_steering.sampling(), pytest.raises(RuntimeError, match="computed from 3 rows in call 1"):
+        worker_steering.steer_sampling_rows(torch.randn(3, 576))
+    proc.update_state(BatchUpdate(batch_size=1, removed=[0], moved=[(1, 0, MoveDirectionality.UNIDIRECTIONAL)],
+                                  added=[]))
+    with worker_steering.sampling():  # nothing steered armed: any call passes through
+        other = torch.randn(5, 576)
+        assert worker_steering.steer_sampling_rows(other) is other

@@ -26,31 +26,26 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import SERVER_ENV, TWO_PROCESS_ENV, two_cores
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
+from helpers import PROMPTS, SERVER_ENV, TWO_PROCESS_ENV, complete, served_vs_formula, stand_in_config, two_cores
 from prometheus_client.parser import text_string_to_metric_families
-from test_runner_interfaces import stand_in_config
-from test_serving import PROMPTS, complete, served_vs_formula
 
 from vllm_steer import SteerConfig, SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
-from vllm_steer.serving import config as serving_config
+from vllm_steer.launch.plan import STATE_PROCESSOR, parse_vllm_args, plan_launch
 from vllm_steer.serving import registry
 from vllm_steer.serving.config import (
     ENV_VAR,
     RUNTIME_UPDATES_ENV,
     expected_steer_digest,
     ray_env_vars_to_copy,
-    set_served_config,
     steer_set_digest,
     with_steer_digest,
 )
-from vllm_steer.serving.launch import STATE_PROCESSOR, plan_launch
+from vllm_steer.serving.front_end import admit, admitted
 from vllm_steer.serving.processor import check_steer_set
-from vllm_steer.serving.server_process import CPU_SERVER_ARGS, ServerProcess, plain_server_command, steer_server_command
-from vllm_steer.serving.step import STEP
-from vllm_steer.serving.table import read_steer_files
+from vllm_steer.testing import CPU_SERVER_ARGS, ServerProcess, plain_server_command, steer_server_command
 
 HOST = socket.gethostname()
 GAMMA_CASES = [{"steer_gamma": 5}, {"steer_gamma": [-3, 1]}, None]
@@ -94,8 +89,8 @@ def test_steer_set_digest_names_contents_not_paths(tmp_path, steers):
     copy = tmp_path / "elsewhere.safetensors"
     copy.write_bytes(Path(steers["gamma"]).read_bytes())
     here, there = SteerConfig({"gamma": str(steers["gamma"])}), SteerConfig({"gamma": str(copy)})
-    sha = {n: s for n, (_, s) in read_steer_files(here, ["gamma"]).items()}
-    assert sha == {n: s for n, (_, s) in read_steer_files(there, ["gamma"]).items()}
+    sha = {n: s for n, (_, s) in here.read_files().items()}
+    assert sha == {n: s for n, (_, s) in there.read_files().items()}
     digest = steer_set_digest(here, sha)
     assert digest == steer_set_digest(there, sha)
     assert digest != steer_set_digest(here, {"gamma": "0" * 64})
@@ -111,7 +106,7 @@ def test_steer_set_digest_names_contents_not_paths(tmp_path, steers):
 
 def test_a_worker_refuses_a_steer_set_other_than_the_front_ends(steers):
     config = SteerConfig({"gamma": str(steers["gamma"])})
-    sha = {n: s for n, (_, s) in read_steer_files(config, ["gamma"]).items()}
+    sha = {n: s for n, (_, s) in config.read_files().items()}
     check_steer_set(config, sha, {})  # nothing to compare with (plain `vllm serve`)
     check_steer_set(config, sha, {"vllm_steer": {"steer_set_sha256": steer_set_digest(config, sha)}})
     stale = SteerConfig({"gamma": str(steers["gamma"])}, bounds={"gamma": 7.0})  # what the front end started with
@@ -123,7 +118,7 @@ def test_a_worker_refuses_a_steer_set_other_than_the_front_ends(steers):
 def test_a_path_this_node_cannot_read_names_the_node_and_the_path(tmp_path):
     config = SteerConfig({"gone": str(tmp_path / "gone.safetensors")})
     with pytest.raises(ValueError, match="steer file not found or unreadable") as err:
-        read_steer_files(config, ["gone"])
+        config.read_files()
     assert f"on node {HOST}" in str(err.value) and str(tmp_path / "gone.safetensors") in str(err.value)
 
 
@@ -137,16 +132,20 @@ def test_ray_workers_are_told_to_copy_the_steer_variables():
 def test_launch_plan():
     """Which launcher `vllm-steer serve` uses, and what it adds: the steer set digest merged into the
     operator's --additional-config; vLLM's dispatcher for several API servers, data parallelism and
-    headless nodes; one API server when runtime updates meet data parallelism."""
-    single = plan_launch("m", ["--additional-config", '{"x": 1}'], "d" * 64, runtime_updates=False)
+    headless nodes; one API server when runtime updates meet data parallelism. vLLM's arguments are
+    parsed once, by vLLM's own parser, and the plan made from that parse."""
+    def plan(args: list[str], runtime_updates: bool = False):
+        return plan_launch(parse_vllm_args("m", args), args, "d" * 64, runtime_updates=runtime_updates)
+
+    single = plan(["--additional-config", '{"x": 1}'])
     assert not single.dispatcher and single.argv[-2:] == ["--additional-config", json.dumps(
         {"x": 1, "vllm_steer": {"steer_set_sha256": "d" * 64}})]
     for args in (["--api-server-count", "2"], ["--data-parallel-size", "2"], ["-asc", "3"],
                  ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--headless"]):
-        assert plan_launch("m", args, "d", runtime_updates=False).dispatcher, args
-    dp = plan_launch("m", ["--data-parallel-size", "2"], "d", runtime_updates=True)
+        assert plan(args).dispatcher, args
+    dp = plan(["--data-parallel-size", "2"], runtime_updates=True)
     assert dp.dispatcher and dp.argv[-2:] == ["--api-server-count", "1"] and "one API server" in dp.notes[0]
-    assert plan_launch("m", ["--distributed-executor-backend", "ray"], "d", runtime_updates=False).uses_ray
+    assert plan(["--distributed-executor-backend", "ray"]).uses_ray
 
 
 REFUSED_WITH_RUNTIME_UPDATES = [
@@ -191,7 +190,7 @@ def test_the_endpoint_plugin_refuses_too(monkeypatch):
 
 
 @pytest.fixture
-def worker(steers, monkeypatch, tiny_model):
+def worker(steers, monkeypatch, tiny_model, worker_steering, fresh_front_end):
     """This process as a vLLM worker serving gamma on the tiny model (the legacy runner's processor,
     its table, the LM head): what collective_rpc reaches."""
     from types import SimpleNamespace
@@ -199,10 +198,6 @@ def worker(steers, monkeypatch, tiny_model):
     from vllm_steer.plugin import SteerLogitsProcessor, register_plugin
 
     monkeypatch.setenv(ENV_VAR, SteerConfig({"gamma": str(steers["gamma"])}).to_json())
-    monkeypatch.setattr(serving_config, "_SERVED", None)
-    for field in ("table", "placement", "lm_head", "hidden_dtype", "idle_stage"):
-        monkeypatch.setattr(STEP, field, None)
-    monkeypatch.setattr(registry, "_PREPARED", None)
     register_plugin()
     config = stand_in_config(v2=False, max_num_seqs=4)
     config.model_config.get_hidden_size = lambda: 256
@@ -210,11 +205,18 @@ def worker(steers, monkeypatch, tiny_model):
     head = torch.nn.Module()
     head.weight = tiny_model[1].get_output_embeddings().weight.detach()
     head.shard_indices = SimpleNamespace(num_org_elements=49152, org_vocab_start_index=0)
-    STEP.attach_model(head, torch.device("cpu"), torch.float32)
+    worker_steering.attach(torch.nn.Module(), head, torch.device("cpu"), torch.float32)
     return proc
 
 
-def test_a_runtime_load_in_a_worker_needs_the_bytes_not_the_path(worker, steers, tmp_path):
+def rpc(method: str, *args: object) -> object:
+    """A worker method as vLLM's collective_rpc calls it, on the worker (here: this process)."""
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    return getattr(WorkerBase, f"vllm_steer_{method}")(None, *args)
+
+
+def test_a_runtime_load_in_a_worker_needs_the_bytes_not_the_path(worker, worker_steering, steers, tmp_path):
     """The worker half of a load: the new steer arrives as its file's bytes (its path names a file
     this node does not have), is checked (fingerprint), prepared without touching the served
     table, and served only on commit, with the rows in flight carried over."""
@@ -224,30 +226,32 @@ def test_a_runtime_load_in_a_worker_needs_the_bytes_not_the_path(worker, steers,
     worker.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
                                     added=[(0, SamplingParams(extra_args={"steer_gamma": 5}), None, []),
                                            (1, SamplingParams(extra_args=None), None, [])]))
-    served = STEP.table
+    served = worker_steering.table
     nowhere = str(tmp_path / "not-on-this-node.safetensors")
     new = SteerConfig({"gamma": str(steers["gamma"]), "delta": nowhere})
     data = Path(steers["delta"]).read_bytes()
-    assert registry.prepare_worker(None, "t1", new.to_json(), "delta", data)["steers"] == ["gamma", "delta"]
-    assert STEP.table is served and "delta" not in served.bank.index  # nothing served yet
-    registry.discard_worker(None, "t1")
+    assert rpc("prepare", "t1", new.to_json(), "delta", data)["steers"] == ["gamma", "delta"]
+    assert worker_steering.table is served and "delta" not in served.bank.index  # nothing served yet
+    rpc("discard", "t1")
     with pytest.raises(RuntimeError, match="no steer set prepared under t1"):
-        registry.commit_worker(None, "t1")
-    registry.prepare_worker(None, "t2", new.to_json(), "delta", data)
+        rpc("commit", "t1")
+    rpc("prepare", "t2", new.to_json(), "delta", data)
     gamma_row = served.host_values[0].clone()
-    assert registry.commit_worker(None, "t2")["steers"] == ["gamma", "delta"]
-    table = STEP.table
+    assert rpc("commit", "t2")["steers"] == ["gamma", "delta"]
+    table = worker_steering.table
     assert table is not served and table.config.steers["delta"] == nowhere
     assert torch.equal(table.host_values[0], gamma_row) and int(table.host_steers[0, 0]) == table.bank.index["gamma"]
     assert table.steered[:2].tolist() == [True, False]
     # A steer whose fingerprint is another model's is refused in the worker, and nothing changes.
     stranger = SteerConfig({**new.steers, "stranger": nowhere})
     with pytest.raises(ValueError, match="does not fit this model's output embedding"):
-        registry.prepare_worker(None, "t3", stranger.to_json(), "stranger", Path(steers["stranger"]).read_bytes())
-    assert STEP.table is table and registry._PREPARED is None
+        rpc("prepare", "t3", stranger.to_json(), "stranger", Path(steers["stranger"]).read_bytes())
+    assert worker_steering.table is table
+    with pytest.raises(RuntimeError, match="no steer set prepared under t3"):  # nothing was kept
+        rpc("commit", "t3")
 
 
-def test_a_pipeline_stage_without_logits_loads_nothing(steers, monkeypatch):
+def test_a_pipeline_stage_without_logits_loads_nothing(steers, monkeypatch, worker_steering):
     """Only the last pipeline stage computes logits: a processor on another stage loads no steer,
     does nothing per step, and answers the registry's calls without checking anything."""
     from vllm.v1.sample.logits_processor import BatchUpdate
@@ -256,17 +260,17 @@ def test_a_pipeline_stage_without_logits_loads_nothing(steers, monkeypatch):
     from vllm_steer.serving import processor
 
     monkeypatch.setenv(ENV_VAR, SteerConfig({"gamma": str(steers["gamma"])}).to_json())
-    monkeypatch.setattr(serving_config, "_SERVED", None)
-    for field in ("table", "idle_stage"):
-        monkeypatch.setattr(STEP, field, None)
-    monkeypatch.setattr(STEP, "armed_rows", 0)
     monkeypatch.setattr(processor, "pipeline_stage", lambda: (0, 2))
     proc = SteerLogitsProcessor(stand_in_config(v2=False), torch.device("cpu"), False)
-    assert STEP.table is None and STEP.idle_stage == "pipeline stage 1 of 2" and not proc.active
+    assert worker_steering.table is None and worker_steering.idle_stage == "pipeline stage 1 of 2"
+    assert not proc.active
     proc.update_state(BatchUpdate(batch_size=1, removed=[], moved=[], added=[(0, None, None, [])]))  # not read
-    assert STEP.armed_rows == 0
-    assert registry.prepare_worker(None, "t", "{not json", "x", b"") == {"stage": "pipeline stage 1 of 2"}
-    assert registry.commit_worker(None, "t") == {"stage": "pipeline stage 1 of 2"}
+    assert worker_steering._armed is None  # nothing armed for a step
+    h = torch.randn(1, 256)
+    with worker_steering.sampling():  # nothing armed, nothing steered
+        assert worker_steering.steer_sampling_rows(h) is h
+    assert rpc("prepare", "t", "{not json", "x", b"") == {"stage": "pipeline stage 1 of 2"}
+    assert rpc("commit", "t") == {"stage": "pipeline stage 1 of 2"}
 
 
 class FakeEngines:
@@ -286,10 +290,9 @@ class FakeEngines:
 
 
 @pytest.fixture
-def front_end(steers, monkeypatch):
+def front_end(steers, monkeypatch, fresh_front_end):
     monkeypatch.setenv(RUNTIME_UPDATES_ENV, "1")
-    monkeypatch.setattr(serving_config, "_SERVED", None)
-    set_served_config(SteerConfig({"gamma": str(steers["gamma"])}, max_load_bytes=2**20))
+    admit(SteerConfig({"gamma": str(steers["gamma"])}, max_load_bytes=2**20).with_headers())
     app = FastAPI()
     registry.SteerEndpoints().attach_router(app)
     return app
@@ -309,19 +312,19 @@ def test_a_load_changes_every_engine_or_none(front_end, steers):
         assert (prepare, discard, discarded, name) == ("vllm_steer_prepare", "vllm_steer_discard", token, "delta")
         assert type(data) is bytes and data == Path(steers["delta"]).read_bytes()
         assert set(json.loads(config_json)["steers"]) == {"gamma", "delta"}
-        assert list(serving_config.served_config().steers) == ["gamma"]
+        assert list(admitted().config.steers) == ["gamma"]
 
         front_end.state.vllm_steer_engine = engines = FakeEngines({"vllm_steer_commit": "worker died"})
         r = http.post("/v1/load_steer", json=body)
         assert r.status_code == 500 and "may now serve different steer sets" in r.text
-        assert list(serving_config.served_config().steers) == ["gamma"]
+        assert list(admitted().config.steers) == ["gamma"]
 
         front_end.state.vllm_steer_engine = engines = FakeEngines()
         assert http.post("/v1/load_steer", json=body).status_code == 200
         assert [m for m, _ in engines.calls] == ["vllm_steer_prepare", "vllm_steer_commit"]
-        assert list(serving_config.served_config().steers) == ["gamma", "delta"]
+        assert list(admitted().config.steers) == ["gamma", "delta"]
         assert http.post("/v1/unload_steer", json={"name": "delta"}).status_code == 200
-        assert list(serving_config.served_config().steers) == ["gamma"]
+        assert list(admitted().config.steers) == ["gamma"]
 
         big = Path(steers["delta"]).parent / "big.safetensors"
         big.write_bytes(b"\0" * (2**20 + 1))
@@ -389,7 +392,7 @@ class TestPipelineParallel:
     def pp(self, tiny_model, steers, tmp_path_factory):
         logs = tmp_path_factory.mktemp("pp_logs")
         gamma = SteerConfig({"gamma": str(steers["gamma"])})
-        sha = {n: s for n, (_, s) in read_steer_files(gamma, ["gamma"]).items()}
+        sha = {n: s for n, (_, s) in gamma.read_files().items()}
         stale = SteerConfig({"gamma": str(steers["gamma"])}, bounds={"gamma": 7.0})
         procs = {
             "pp": tiny_steer_server(tiny_model, steers, logs / "pp.log", "--pipeline-parallel-size", "2",

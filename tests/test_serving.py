@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 
 import httpx
 import openai
 import pytest
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from helpers import (
+    LONG_PROMPT,
+    PROMPTS,
+    SHARED_PREFIX,
+    client,
+    complete,
+    run_alone,
+    run_concurrently,
+    served_vs_formula,
+)
 
 from vllm_steer import SteerFile
 
-PROMPTS = [
-    "The weather in the mountains this weekend",
-    "I opened the letter from my landlord and",
-    "Our team meeting this morning was",
-]
 # Each a request's vllm_xargs: one steer, two composed, a full K-vector, negative values.
 STEER_CASES = [
     {"steer_alpha": 5},
@@ -28,86 +30,7 @@ STEER_CASES = [
 ]
 
 
-def client(server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url, api_key="none", max_retries=0)
-
-
-def complete(server, prompt, xargs=None, max_tokens=12, logprobs=None, **kw):
-    extra = {"vllm_xargs": xargs} if xargs else {}
-    if logprobs:
-        extra["return_tokens_as_token_ids"] = True
-    return client(server).completions.create(
-        model=client(server).models.list().data[0].id, prompt=prompt, max_tokens=max_tokens, temperature=0,
-        logprobs=logprobs, extra_body=extra, **kw)
-
-
-def token_ids(choice) -> list[int]:
-    return [int(t.split(":")[1]) for t in choice.logprobs.tokens]
-
-
 # ---------------------------------------------------------------------------- parity
-
-
-@pytest.fixture(scope="module")
-def hf_model(model_dir):
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
-
-
-def hf_steered_logprobs(model, ids: list[int], steers: dict[str, SteerFile], xargs: dict) -> torch.Tensor:
-    """log_softmax((h + sum over steers of eps * sum_k s_k (h @ P1_k) @ P2_k^T) @ E^T), in
-    float64, from HF transformers' post-norm hidden state: independent of the plugin's code."""
-    with torch.no_grad():
-        h = model.model(torch.tensor([ids])).last_hidden_state[0].double()
-        steered = h.clone()
-        for key, value in xargs.items():
-            steer = steers[key.removeprefix("steer_")]
-            hd = steer.header
-            if isinstance(value, list):
-                s = value
-            else:
-                s = [hd.bias_dims.get(n, 0.0) for n in hd.dim_names]
-                s[hd.primary_index] = value
-            for k, s_k in enumerate(s):
-                p1, p2 = steer.projector1[k].double(), steer.projector2[k].double()
-                steered += hd.epsilon * s_k * (h @ p1) @ p2.T
-        logits = steered @ model.get_output_embeddings().weight.double().T
-        return torch.log_softmax(logits, dim=-1)
-
-
-def served_vs_formula(server, model, tokenizer, steers: dict[str, SteerFile], cases: list[dict | None],
-                      prompts: list[str] = PROMPTS, concurrently: bool = False) -> tuple[float, float]:
-    """Each prompt under each case (vllm_xargs; None: unsteered), 8 greedy tokens with logprobs,
-    one request at a time or all at once: (the largest |served logprob - the float64 formula|, the
-    smallest steer effect: at each steered position the largest |steered - unsteered| formula
-    logprob over the vocabulary, the smallest over positions)."""
-    jobs = [(tokenizer(p)["input_ids"], xargs) for p in prompts for xargs in cases]
-    if concurrently:
-        async def all_at_once():
-            aclient = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0)
-            model_id = (await aclient.models.list()).data[0].id
-            try:
-                return await asyncio.gather(*(aclient.completions.create(
-                    model=model_id, prompt=ids, max_tokens=8, temperature=0, logprobs=1,
-                    extra_body={"return_tokens_as_token_ids": True, **({"vllm_xargs": x} if x else {})})
-                    for ids, x in jobs))
-            finally:
-                await aclient.close()
-
-        choices = [r.choices[0] for r in asyncio.run(all_at_once())]
-    else:
-        choices = [complete(server, ids, xargs, max_tokens=8, logprobs=1).choices[0] for ids, xargs in jobs]
-    worst, smallest_effect = 0.0, math.inf
-    for (ids, xargs), choice in zip(jobs, choices, strict=True):
-        gen = token_ids(choice)
-        ref = hf_steered_logprobs(model, ids + gen, steers, xargs or {})
-        unsteered = hf_steered_logprobs(model, ids + gen, steers, {})
-        for i, (tok, lp) in enumerate(zip(gen, choice.logprobs.token_logprobs, strict=True)):
-            pos = len(ids) - 1 + i
-            worst = max(worst, abs(lp - ref[pos, tok].item()))
-            if xargs:
-                smallest_effect = min(smallest_effect, abs(ref[pos] - unsteered[pos]).max().item())
-    return worst, smallest_effect
 
 
 def test_logprobs_match_hf_formula(servers, hf_model, steer_paths):
@@ -125,16 +48,6 @@ def test_logprobs_match_hf_formula(servers, hf_model, steer_paths):
 
 # ---------------------------------------------------------------------------- isolation
 
-SHARED_PREFIX = "Here is a short story about a lighthouse keeper who"
-LONG_PROMPT = " ".join(
-    f"On day {d} of the trip we walked to the {place}, ate {food} and talked about {topic}."
-    for d, (place, food, topic) in enumerate(
-        [("harbour", "fish", "boats"), ("old mill", "bread", "rivers"), ("market", "figs", "prices"),
-         ("castle", "soup", "kings"), ("beach", "ice cream", "tides"), ("museum", "cake", "paintings"),
-         ("forest", "apples", "birds"), ("station", "sandwiches", "trains")] * 2, start=1)
-) + " Looking back, the part I remember most is"
-
-
 def isolation_requests() -> list[tuple[str, dict | None, int]]:
     """(prompt, vllm_xargs, max_tokens): 20 requests, shared prefixes (prefix caching), one
     prompt long enough for several prefill chunks, lengths that finish at different steps."""
@@ -149,25 +62,6 @@ def isolation_requests() -> list[tuple[str, dict | None, int]]:
     # The same prompt under different values: one prompt's KV cache serves any steer.
     reqs += [(LONG_PROMPT, x, 10) for x in (None, {"steer_alpha": 5}, {"steer_alpha": -5}, {"steer_beta": 5})]
     return reqs
-
-
-async def run_concurrently(server, requests):
-    aclient = openai.AsyncOpenAI(base_url=server.url, api_key="none", max_retries=0)
-    model = (await aclient.models.list()).data[0].id
-
-    async def one(prompt, xargs, max_tokens):
-        r = await aclient.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                             extra_body={"vllm_xargs": xargs} if xargs else {})
-        return r.choices[0].text
-
-    try:
-        return await asyncio.gather(*(one(*r) for r in requests))
-    finally:
-        await aclient.close()
-
-
-def run_alone(server, requests):
-    return [complete(server, p, x, max_tokens=m).choices[0].text for p, x, m in requests]
 
 
 def test_unsteered_batch_invariance_baseline(servers):

@@ -4,10 +4,10 @@ a model runner the plugin cannot steer under."""
 from __future__ import annotations
 
 import torch
-from conftest import ENGINE_ARGS, SERVER_ENV, random_steer
+from helpers import ENGINE_ARGS, SERVER_ENV, random_steer
 
 from vllm_steer import SteerFile, embedding_fingerprint
-from vllm_steer.serving.server_process import ServerProcess, steer_server_command
+from vllm_steer.testing import ServerProcess, steer_server_command
 
 
 def refused_start(model_dir, steer_path, tmp_path) -> str:

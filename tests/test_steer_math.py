@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vllm_steer import SteerFile, SteerRequestError, parse_steer_args, steer_args
-from vllm_steer.steer.formula import SteerBank, steered_hidden
+from vllm_steer.steer.bank import CPU_STORAGE, KERNEL_STORAGE, BankStorage, SteerBank
+from vllm_steer.steer.formula import steered_hidden
 from vllm_steer.steer.values import steer_values
 
 D = 40
@@ -69,7 +70,7 @@ def test_bank_matches_formula_per_row_with_mixed_steers(dense):
     rank_a, rank_b = (30, 40) if dense else (7, 3)
     a = steer(["a", "bias"], rank_a, 0, 1e-3, bias_dims={"bias": 1.0})
     b = steer(["b"], rank_b, 1, 5e-3)
-    bank = SteerBank.pack({"a": a, "b": b}, "cpu", dense=dense)
+    bank = SteerBank.pack({"a": a, "b": b}, BankStorage(flat=True, dense=dense))
     assert all((e.up_start < 0) == dense for e in bank.entries)
     h = torch.randn(len(REQUESTS), D)
     out = bank.steer(h, *bank_rows(bank, REQUESTS))
@@ -77,16 +78,20 @@ def test_bank_matches_formula_per_row_with_mixed_steers(dense):
 
 
 def test_low_rank_steers_stay_factored_and_cuda_banks_never_densify():
-    low = SteerBank.pack({"a": steer(["a", "bias"], 19, 0, 1e-3, bias_dims={"bias": 1.0})}, "cpu")
+    low = SteerBank.pack({"a": steer(["a", "bias"], 19, 0, 1e-3, bias_dims={"bias": 1.0})}, CPU_STORAGE)
     assert low.entries[0].up_start == 0 and low.total_rank == 2 * 19
     high = {"a": steer(["a"], 30, 0, 1e-3)}
-    assert SteerBank.pack(high, "cpu").entries[0].up_start == -1
-    assert SteerBank.pack(high, "cpu", dense=False).entries[0].up_start == 0
+    assert BankStorage.for_device("cpu") == CPU_STORAGE and BankStorage.for_device("cuda") == KERNEL_STORAGE
+    assert SteerBank.pack(high, CPU_STORAGE).entries[0].up_start == -1
+    assert SteerBank.pack(high, BankStorage.for_device("cuda")).entries[0].up_start == 0
+    assert SteerBank.pack(high, BankStorage(flat=True, dense=False)).entries[0].up_start == 0
+    with pytest.raises(ValueError, match="cannot be served on cuda"):
+        SteerBank.pack(high, CPU_STORAGE).placed("cuda", torch.bfloat16)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_unsteered_rows_are_bit_identical(dtype):
-    bank = SteerBank.pack({"a": steer(["a"], 5, 0, 1e-1)}, "cpu")
+    bank = SteerBank.pack({"a": steer(["a"], 5, 0, 1e-1)}, CPU_STORAGE)
     h = torch.randn(4, D, dtype=dtype)
     h[0, :3] = torch.tensor([-0.0, float("inf"), float("-inf")])
     steers, values = bank_rows(bank, [{}, {"a": [3.0]}, {"a": [0.0]}, {"a": [-1.0]}])
@@ -106,7 +111,7 @@ def test_many_steers_each_row_its_own_and_unused_steers_never_read():
         k = 1 + i % 3
         names = [f"s{i}"] + [f"d{j}" for j in range(1, k)]
         steers[f"s{i}"] = steer(names, 4 if i % 5 else 30, 10 + i, 1e-3 * (1 + i % 4))
-    bank = SteerBank.pack(steers, "cpu")
+    bank = SteerBank.pack(steers, CPU_STORAGE)
     g = torch.Generator().manual_seed(5)
     used = [f"s{i}" for i in range(0, 60, 3)]
     requests = []
@@ -138,8 +143,8 @@ def test_flat_bank_gemm_and_bag_paths_match_the_formula():
     specs = {"a": (["a", "bias"], 7), "b": (["b"], 3), "c": (["c", "x", "y"], 30), "d": (["d"], 1),
              "e": (["e", "f"], 4), "unused": (["u"], 5)}
     steers = {n: steer(names, r, 40 + i, 1e-3 * (1 + i)) for i, (n, (names, r)) in enumerate(specs.items())}
-    flat = SteerBank.pack(steers, "cpu")
-    assert flat.bags and flat.down.dim() == 1
+    flat = SteerBank.pack(steers, CPU_STORAGE)
+    assert flat.storage.flat and flat.down.dim() == 1
     assert all(e.down_start % (e.num_dims * e.rank) == 0 for e in flat.entries)
     assert [e.up_start < 0 for e in flat.entries] == [False, False, True, False, False, False]
     g = torch.Generator().manual_seed(8)
@@ -147,7 +152,7 @@ def test_flat_bank_gemm_and_bag_paths_match_the_formula():
     requests = [{"a": (torch.randn(2, generator=g) * 3).tolist()} for _ in range(heavy)]
     requests += [{"c": (torch.randn(3, generator=g) * 3).tolist(), "b": [1.5]} for _ in range(heavy)]
     requests += [{"d": [2.0]}, {}, {"e": [1.0, -2.0], "a": [0.5, 1.0]}, {"b": [-4.0]}, {}]
-    rows = SteerBank.pack(steers, "cpu", bags=False)
+    rows = SteerBank.pack(steers, KERNEL_STORAGE)
     for n in ("unused",):
         for t in (*flat.weights(n), *rows.weights(n)):
             t.fill_(float("nan"))
@@ -166,7 +171,7 @@ def test_repacked_keeps_rows_meaning_and_adds_steers():
     a = steer(["a", "bias"], 7, 0, 1e-3, bias_dims={"bias": 1.0})
     b = steer(["b"], 30, 1, 5e-3)
     c = steer(["c"], 5, 2, 2e-3)
-    bank = SteerBank.pack({"a": a, "b": b}, "cpu")
+    bank = SteerBank.pack({"a": a, "b": b}, CPU_STORAGE)
     grown = bank.repacked(["b"], {"c": c})
     assert grown.names == ["b", "c"] and grown.index == {"b": 0, "c": 1}
     requests = [{"b": [2.0]}, {"c": [-3.0], "b": [1.0]}, {}]
@@ -179,7 +184,7 @@ def test_repacked_keeps_rows_meaning_and_adds_steers():
 def test_bank_refuses_mixed_hidden_sizes():
     other = SteerFile.create(torch.randn(1, D + 1, 2), torch.randn(1, D + 1, 2), dim_names=["x"])
     with pytest.raises(ValueError, match="hidden size"):
-        SteerBank.pack({"a": steer(["a"], 2, 0, 1e-3), "x": other})
+        SteerBank.pack({"a": steer(["a"], 2, 0, 1e-3), "x": other}, CPU_STORAGE)
 
 
 CATALOG = {"tone": steer(["tone", "bias"], 2, 0, 1e-3, bias_dims={"bias": 1.0}).header,

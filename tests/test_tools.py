@@ -9,11 +9,10 @@ import pytest
 import torch
 from steer_toy import make_toy_model
 
-from vllm_steer import SteerFile, embedding_fingerprint
+from vllm_steer import SteerFile, embedding_fingerprint, testing
 from vllm_steer.cli import main as cli_main
 from vllm_steer.steer.formula import steered_hidden
 from vllm_steer.steer.values import steer_values
-from vllm_steer.tools import random_steer as random_steers
 from vllm_steer.tools.compose import compose_steers
 from vllm_steer.tools.explain import explain_text, explanation_html, explanation_terminal
 from vllm_steer.tools.hf_model import final_hidden_states, load_frozen_model, output_head
@@ -29,7 +28,7 @@ def toy(tmp_path_factory):
 
 
 def random_steer(dims, d=32, rank=4, seed=0, eps=1e-3, bias=None, fingerprint=None) -> SteerFile:
-    return random_steers.random_steer(dims, d, rank, seed=seed, epsilon=eps, bias_dims=bias or {},
+    return testing.random_steer(dims, d, rank, seed=seed, epsilon=eps, bias_dims=bias or {},
                                       fingerprint=fingerprint)
 
 

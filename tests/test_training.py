@@ -12,6 +12,7 @@ from steer_toy import NEGATIVE, POSITIVE, make_toy_model, toy_sentiment_rows
 from vllm_steer import SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
 from vllm_steer.steer.formula import steered_hidden
+from vllm_steer.testing import recompute_step_loss
 from vllm_steer.tools.hf_model import final_hidden_states, load_frozen_model, output_head
 from vllm_steer.tools.hidden_cache import build_cache
 from vllm_steer.tools.training import (
@@ -19,7 +20,6 @@ from vllm_steer.tools.training import (
     cached_step_loss,
     initial_projectors,
     prepare_examples,
-    recompute_step_loss,
     train_on_cache,
     training_vectors,
 )

@@ -17,10 +17,10 @@ import sys
 import textwrap
 
 import pytest
-from conftest import CPU_SERVER_ARGS, SERVER_ENV
+from helpers import CPU_SERVER_ARGS, SERVER_ENV
 from openai import OpenAI
 
-from vllm_steer.serving.server_process import ServerProcess, plain_server_command, steer_server_command
+from vllm_steer.testing import ServerProcess, plain_server_command, steer_server_command
 
 FAKE_VERSION = "0.34.0"
 INACTIVE_WARNING = "vllm-steer is installed but inactive"

@@ -35,7 +35,8 @@ PATCHED = (
     "vllm.model_executor.layers.logits_processor:LogitsProcessor",  # subclassed; its forward called
     "vllm.lora.layers.logits_processor:LogitsProcessorWithLoRA",  # calls the layer's forward as `self`
     "vllm.v1.worker.gpu_worker:Worker.load_model",  # wrapped
-    "vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample",  # wrapped
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",  # wrapped (the legacy runner)
+    "vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample",  # wrapped (Model Runner V2)
     "vllm.v1.worker.gpu.input_batch:InputBatch",  # read by the sample wrapper
     *(f"{request}.to_beam_search_params" for request in BEAM_SEARCH_REQUESTS),  # wrapped
     "vllm.v1.sample.logits_processor.interface:LogitsProcessor",  # implemented (legacy runner)

@@ -1,11 +1,12 @@
 """vllm-steer: LM-Steer (Han et al., ACL 2024) served by vLLM, each request with its own steer.
 
-The public API is small: `SteerFile` (the file format), `steer_args` (a request's per-request
-values), `SteerConfig` (which steers a server loads), `steered_llm` (an offline `vllm.LLM`).
-The layout shows the architecture: `steer/` is the steer itself (format, math, request values;
-no vLLM), `serving/` everything that touches vLLM (imported only inside vLLM's processes),
-`tools/` the steer tools, `cli/` the command line, `plugin` the names vLLM loads, and
-`kernels` the per-row gather steer op (torch and Triton).
+The public API is small: `SteerFile` (the file format), `steer_args` (a request's per-request values),
+`SteerConfig` (which steers a server loads), `steered_llm` (an offline `vllm.LLM`). The rooms:
+`steer/` is the steer itself (file format, math, the bank, request values; no vLLM), `serving/` what runs
+inside vLLM's processes, `launch/` what `vllm-steer serve` does before vLLM starts, `tools/` the steer tools,
+`cli/` the command line, `plugin` the names vLLM loads, `kernels` the per-row gather steer op (torch and
+Triton) and `testing` what the tests, benchmarks and demo share. Importing this package, or running any
+`vllm-steer` subcommand but `serve`, imports no vLLM.
 """
 
 from .serving.config import SteerConfig

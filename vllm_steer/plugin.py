@@ -23,7 +23,7 @@ def register_plugin() -> None:
     from .serving.vllm_internals import plugin_should_run
 
     if plugin_should_run():
-        from .serving.compat import install_patches
+        from .serving.vllm_patches import install_patches
 
         install_patches()
 

@@ -17,8 +17,6 @@ from vllm_steer.serving.config import (
     SteerConfig,
     steer_set_digest,
 )
-from vllm_steer.serving.cpu_kv_cache import choose_cpu_kv_cache, is_cpu_build
-from vllm_steer.serving.table import read_steer_files
 
 from .arguments import byte_size, name_value_pairs, steers_in_folder
 
@@ -48,10 +46,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
-    """Start vLLM's OpenAI-compatible server with the steers loaded (see serving/launch.py for how:
-    vLLM's server module for one API server, vLLM's own `vllm serve` dispatcher otherwise). On the
-    CPU build the KV cache is sized to the model and the operator's limits unless the operator sized it."""
-    from vllm_steer.serving.launch import launch, plan_launch, prepare_environment
+    """Start vLLM's OpenAI-compatible server with the steers loaded (see launch/plan.py for how: vLLM's
+    server module for one API server, vLLM's own `vllm serve` dispatcher otherwise). On the CPU build the KV
+    cache is sized to the model and the operator's limits unless the operator sized it."""
+    from vllm_steer.launch.cpu_kv_cache import choose_cpu_kv_cache, is_cpu_build
+    from vllm_steer.launch.plan import launch, parse_vllm_args, plan_launch, prepare_environment
     from vllm_steer.serving.vllm_internals import check_internals
 
     check_internals("launcher")  # first: an unsupported vLLM is named before anything else is done
@@ -68,17 +67,17 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
                          max_abs_value=args.max_abs_value, max_steers_per_request=args.max_steers_per_request,
                          memory_budget=args.steer_memory_budget, max_load_bytes=args.max_load_size)
     # Fail here, in a second, rather than after the engine starts.
-    loaded = read_steer_files(config, list(config.steers))
-    total = 0
+    loaded = config.read_files()
+    bounds = config.bounds_for({name: steer.header for name, (steer, _) in loaded.items()})
     for name, (steer, sha) in loaded.items():
-        size = sum(t.numel() * t.element_size() for t in (steer.projector1, steer.projector2))
-        total += size
         print(f"vllm-steer: steer {name!r} <- {config.steers[name]} (sha256 {sha[:12]}, |value| <= "
-              f"{config.value_bounds[name]:g}, {size / 2**20:.2f} MiB in the file)", file=sys.stderr)
+              f"{bounds[name]:g}, {steer.nbytes / 2**20:.2f} MiB in the file)", file=sys.stderr)
     digest = steer_set_digest(config, {name: sha for name, (_, sha) in loaded.items()})
+    total = sum(steer.nbytes for steer, _ in loaded.values())
     print(f"vllm-steer: {len(config.steers)} steers, {total / 2**20:.1f} MiB in their files; steer set "
           f"{digest[:16]} (every worker checks that it loaded this set)", file=sys.stderr)
-    plan = plan_launch(args.model, vllm_args, digest, args.allow_runtime_updates)
+    namespace = parse_vllm_args(args.model, vllm_args)  # once, by vLLM's own parser
+    plan = plan_launch(namespace, vllm_args, digest, args.allow_runtime_updates)
     config.export()
     if args.steer_endpoints or args.allow_runtime_updates:
         os.environ["VLLM_PLUGINS"] = plugins_allowlist_with_steer_endpoints(os.environ.get("VLLM_PLUGINS"))
@@ -89,7 +88,7 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
         print(note, file=sys.stderr)
     if is_cpu_build():
         # vLLM's CPU worker would otherwise fill gpu_memory_utilization x the machine's memory with KV cache.
-        choice = choose_cpu_kv_cache(args.model, plan.argv)
+        choice = choose_cpu_kv_cache(namespace)
         print(choice.message, file=sys.stderr, flush=True)
         plan = replace(plan, argv=[*plan.argv, *choice.args])
     launch(args.model, plan)

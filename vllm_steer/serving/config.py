@@ -9,12 +9,12 @@ import hashlib
 import json
 import os
 import re
+import socket
 import tempfile
-from dataclasses import asdict, dataclass, field, replace
-from functools import cached_property
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from vllm_steer.steer.file import SteerHeader, read_header
+from vllm_steer.steer.file import SteerFile, SteerFileError, SteerHeader, read_header
 
 ENV_VAR = "VLLM_STEER_CONFIG"
 # Opt-in for POST /v1/load_steer and /v1/unload_steer, as vLLM gates runtime LoRA updates.
@@ -45,7 +45,9 @@ class SteerConfig:
     for; bounds: the operator's tighter or looser bound for particular steers;
     max_steers_per_request: how many steers one request may compose; memory_budget: the most
     bytes the loaded steers may take where they are served (None: no limit); max_load_bytes: the
-    largest steer file a runtime load accepts."""
+    largest steer file a runtime load accepts. headers: the steers' headers where they have been read
+    (`with_headers`: the front end, which validates requests against them; workers take theirs from
+    the weights they load); not part of the configuration that travels."""
 
     steers: dict[str, str] = field(default_factory=dict)
     max_abs_value: float = DEFAULT_MAX_ABS_VALUE
@@ -53,6 +55,7 @@ class SteerConfig:
     max_steers_per_request: int = DEFAULT_MAX_STEERS_PER_REQUEST
     memory_budget: int | None = None
     max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES
+    headers: dict[str, SteerHeader] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "steers", {n: str(Path(p).resolve()) for n, p in self.steers.items()})
@@ -73,7 +76,15 @@ class SteerConfig:
             raise ValueError(f"the largest steer file to load must be a positive number of bytes, "
                              f"got {self.max_load_bytes}")
 
-    @cached_property
+    @property
+    def catalog(self) -> dict[str, SteerHeader]:
+        """Each steer's header (metadata only): what request validation needs. Read once, by
+        `with_headers`."""
+        if set(self.headers) != set(self.steers):
+            raise RuntimeError("the steer headers have not been read (SteerConfig.with_headers)")
+        return self.headers
+
+    @property
     def value_bounds(self) -> dict[str, float]:
         """Each steer's bound: the operator's if given, else the file's, else max_abs_value."""
         return self.bounds_for(self.catalog)
@@ -84,29 +95,31 @@ class SteerConfig:
         return {name: self.bounds.get(name) or header.max_abs_value or self.max_abs_value
                 for name, header in catalog.items()}
 
-    def with_steer(self, name: str, path: str, bound: float | None = None,
-                   header: SteerHeader | None = None) -> SteerConfig:
-        """This set plus one steer; `header`: the new steer's, already read (the headers already
-        read are carried over, so nothing is read again from a path)."""
+    def with_headers(self) -> SteerConfig:
+        """This set with every steer's header read from its file (the headers already read are kept)."""
+        return replace(self, headers={name: self.headers.get(name) or read_header(path)
+                                      for name, path in self.steers.items()})
+
+    def with_steer(self, name: str, path: str, header: SteerHeader | None, bound: float | None = None) -> SteerConfig:
+        """This set plus one steer, whose `header` is already read (None: not yet; the name, a duplicate and
+        the bound are checked all the same)."""
         if name in self.steers:
             raise ValueError(f"a steer named {name!r} is already loaded")
         bounds = {**self.bounds, **({name: bound} if bound is not None else {})}
-        new = replace(self, steers={**self.steers, name: path}, bounds=bounds)
-        if header is not None and "catalog" in self.__dict__:
-            new.__dict__["catalog"] = {**self.catalog, name: header}
-        return new
+        headers = {**self.headers, **({name: header} if header is not None else {})}
+        return replace(self, steers={**self.steers, name: path}, bounds=bounds, headers=headers)
 
     def without_steer(self, name: str) -> SteerConfig:
         if name not in self.steers:
             raise KeyError(name)
-        new = replace(self, steers={n: p for n, p in self.steers.items() if n != name},
-                      bounds={n: b for n, b in self.bounds.items() if n != name})
-        if "catalog" in self.__dict__:
-            new.__dict__["catalog"] = {n: h for n, h in self.catalog.items() if n != name}
-        return new
+        return replace(self, steers={n: p for n, p in self.steers.items() if n != name},
+                       bounds={n: b for n, b in self.bounds.items() if n != name},
+                       headers={n: h for n, h in self.headers.items() if n != name})
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self))
+        return json.dumps({"steers": self.steers, "max_abs_value": self.max_abs_value, "bounds": self.bounds,
+                           "max_steers_per_request": self.max_steers_per_request,
+                           "memory_budget": self.memory_budget, "max_load_bytes": self.max_load_bytes})
 
     @classmethod
     def from_json(cls, text: str) -> SteerConfig:
@@ -143,10 +156,23 @@ class SteerConfig:
             text = f"@{path}"
         os.environ[ENV_VAR] = text
 
-    @cached_property
-    def catalog(self) -> dict[str, SteerHeader]:
-        """Each steer's header (metadata only): what request validation needs."""
-        return {name: read_header(path) for name, path in self.steers.items()}
+    def read_files(self) -> dict[str, tuple[SteerFile, str]]:
+        """Every steer read from its path on this node, each with the SHA-256 of its bytes. A path this
+        node cannot read raises naming the node and the path (on a server spread over several nodes,
+        every node needs the steer files configured at start-up at the same paths)."""
+        loaded = {}
+        for name, path in self.steers.items():
+            where = f"steer {name!r} ({path}, read on node {socket.gethostname()})"
+            try:
+                data = Path(path).read_bytes()
+            except OSError as e:
+                raise SteerFileError(
+                    f"steer file not found or unreadable: {path} (steer {name!r}, on node {socket.gethostname()}: "
+                    f"{e.strerror or e}). Every node of the server reads the steers configured at start-up from the "
+                    "same paths: put the file there, or start without it and load it at run time (POST "
+                    "/v1/load_steer sends the file's bytes to every worker).") from e
+            loaded[name] = (SteerFile.from_bytes(data, where=where), hashlib.sha256(data).hexdigest())
+        return loaded
 
 
 def steer_set_digest(config: SteerConfig, file_sha256: dict[str, str]) -> str:
@@ -187,27 +213,5 @@ def ray_env_vars_to_copy(current: str | None) -> str:
     return ",".join(dict.fromkeys([*names, *STEER_ENV_VARS]))
 
 
-def served_config() -> SteerConfig:
-    """The steers this process serves: set by a runtime load or unload, else read once from
-    VLLM_STEER_CONFIG."""
-    global _SERVED
-    if _SERVED is None:
-        config = SteerConfig.from_env()
-        if config is None or not config.steers:
-            raise RuntimeError(f"no steers configured: set {ENV_VAR} (vllm-steer serve does) "
-                               "or use vllm_steer.steered_llm")
-        _SERVED = config
-    return _SERVED
-
-
-def set_served_config(config: SteerConfig) -> None:
-    """Serve `config` from now on in this process (the runtime registry's front-end half)."""
-    global _SERVED
-    _SERVED = config
-
-
 def runtime_updates_allowed() -> bool:
     return os.environ.get(RUNTIME_UPDATES_ENV, "").lower() in ("1", "true")
-
-
-_SERVED: SteerConfig | None = None

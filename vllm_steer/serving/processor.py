@@ -1,6 +1,6 @@
-"""The per-request state processor named with `--logits-processors`: it keeps each request's steer
-values in the table the steered layer reads, for either model runner, and validates requests in
-the API front end."""
+"""The per-request state processor named with `--logits-processors`: it validates requests in the API front
+end and, in each worker, keeps every request's steer values in the worker's table, for either model
+runner. It edits no logits itself; the steered logits layer reads the table."""
 
 from __future__ import annotations
 
@@ -14,19 +14,20 @@ from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 from vllm.v1.sample.logits_processor import LogitsProcessor as V1LogitsProcessor
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as V2LogitsProcessor
 
-from vllm_steer.steer.values import SteerRequestError, has_steer_keys, parse_steer_args
+from vllm_steer.log import logger
+from vllm_steer.steer.values import SteerRequestError, has_steer_keys
 
-from .compat import install_mrv2_sample_hook, install_patches, pipeline_stage, require_steered_layer
-from .config import ENV_VAR, SteerConfig, expected_steer_digest, served_config, steer_set_digest
+from .config import ENV_VAR, SteerConfig, expected_steer_digest, steer_set_digest
+from .front_end import admitted
 from .metrics import METRICS
-from .step import STEP, logger
 from .table import SteerTable
+from .vllm_patches import install_patches, mark_legacy_sampling, mark_mrv2_sampling, require_steered_layer
+from .worker import SamplingRows, worker_steering
 
 
 class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
-    """Per-request steer values, for either model runner: vLLM loads it through the V1
-    interface under the legacy runner and through the V2 interface under Model Runner V2.
-    It edits no logits itself; it keeps the table the logits layer reads."""
+    """Per-request steer values, for either model runner: vLLM loads it through the V1 interface under the
+    legacy runner and through the V2 interface under Model Runner V2."""
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
@@ -34,9 +35,9 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         extra = sampling_params.extra_args
         if not has_steer_keys(extra):
             return
-        config = served_config()
+        steers = admitted()
         try:
-            request = parse_steer_args(extra, config.catalog, config.value_bounds, config.max_steers_per_request)
+            request = steers.parse(extra)
             # Prompt logprobs (of the top tokens or of chosen token ids) are computed from the prompt's
             # hidden states, which the steer does not touch: they would be the unsteered model's.
             for field in ("prompt_logprobs", "prompt_logprob_token_ids"):
@@ -48,57 +49,61 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             raise
         for name, values in request.items():
             METRICS.requests.labels(steer=name).inc()
-            METRICS.values.labels(steer=name).observe(values[config.catalog[name].primary_index])
+            METRICS.values.labels(steer=name).observe(values[steers.catalog[name].primary_index])
 
     def __init__(self, vllm_config: VllmConfig, *runner_args: object) -> None:
-        """MRV1 passes (device, is_pin_memory); MRV2 passes (req_states)."""
+        """The legacy runner passes (device, is_pin_memory); Model Runner V2 passes (req_states)."""
         self.v2 = bool(vllm_config.use_v2_model_runner)
         if self.v2:
-            # Model Runner V2 builds its logits processors after the model: the steered layer
-            # must already be in it, registered by the vllm.general_plugins entry point.
+            # Model Runner V2 builds its logits processors after the model: the steered layer must already
+            # be in it, registered by the vllm.general_plugins entry point.
             require_steered_layer()
             if vllm_config.parallel_config.enable_batch_sharded_sampling:
                 raise RuntimeError("vllm-steer does not support batch-sharded sampling; turn it off to steer")
             (req_states,) = runner_args
             device, capacity = req_states.device, req_states.max_num_reqs
-            install_mrv2_sample_hook()
+            mark_mrv2_sampling()
         else:
-            # The legacy runner builds its processors before the model: registering here gives the
-            # model the steered layer even where VLLM_PLUGINS keeps the entry point from loading.
+            # The legacy runner builds its processors before the model: installing here gives the model the
+            # steered layer even where VLLM_PLUGINS keeps the entry point from loading.
             install_patches()
+            mark_legacy_sampling()
             device, _ = runner_args
             capacity = vllm_config.scheduler_config.max_num_seqs
+        self.steering = worker_steering()
         self.batch_size = 0
         self.steered = False
         self.staged = False
         stage, stages = pipeline_stage()
-        # Only the last pipeline stage computes logits (the others hand their activations on): the
-        # others load no steer and do nothing per step.
+        # Only the last pipeline stage computes logits (the others hand their activations on): the others load
+        # no steer and do nothing per step.
         self.active = stage == stages - 1
         if not self.active:
-            STEP.table = None
-            STEP.idle_stage = f"pipeline stage {stage + 1} of {stages}"
+            self.steering.stand_idle(f"pipeline stage {stage + 1} of {stages}")
             logger.info("vllm-steer: %s computes no logits (the last stage steers): no steers loaded here, "
-                        "nothing to do per step", STEP.idle_stage)
+                        "nothing to do per step", self.steering.idle_stage)
             return
-        config = served_config()
+        config = SteerConfig.from_env()
+        if config is None or not config.steers:
+            raise RuntimeError(f"no steers configured: set {ENV_VAR} (vllm-steer serve does) or use "
+                               "vllm_steer.steered_llm")
         began = time.perf_counter()
-        STEP.table = SteerTable.load(config, capacity, torch.device(device), vllm_config.model_config.get_hidden_size())
-        STEP.vocab_size = vllm_config.model_config.get_vocab_size()
+        table = SteerTable.load(config, capacity, torch.device(device), vllm_config.model_config.get_hidden_size())
         spec = vllm_config.speculative_config
-        STEP.max_rows = capacity * (1 + (spec.num_speculative_tokens if spec else 0))
-        check_steer_set(config, STEP.table.file_sha256, vllm_config.additional_config)
-        bank = STEP.table.bank
-        logger.info("vllm-steer: loaded %d steers in %.1f s (%s), up to %d per request; %s%s",
-                    len(bank.names), time.perf_counter() - began, ", ".join(bank.names[:8])
-                    + (", ..." if len(bank.names) > 8 else ""), config.max_steers_per_request,
-                    "model runner V2" if self.v2 else "legacy model runner",
-                    f"; {pipeline_note(stage, stages)}" if stages > 1 else "")
+        self.steering.serve(table, vllm_config.model_config.get_vocab_size(),
+                            capacity * (1 + (spec.num_speculative_tokens if spec else 0)))
+        check_steer_set(config, table.file_sha256, vllm_config.additional_config)
+        names = table.bank.names
+        logger.info("vllm-steer: loaded %d steers in %.1f s (%s), up to %d per request; %s%s", len(names),
+                    time.perf_counter() - began, ", ".join(names[:8]) + (", ..." if len(names) > 8 else ""),
+                    config.max_steers_per_request, "model runner V2" if self.v2 else "legacy model runner",
+                    f"; pipeline stage {stage + 1} of {stages} (the last: it computes the logits)"
+                    if stages > 1 else "")
 
     @property
     def table(self) -> SteerTable | None:
-        # Not kept on self: a runtime load or unload replaces the process's table.
-        return STEP.table
+        # Not kept on self: a runtime load or unload replaces the worker's table.
+        return self.steering.table
 
     # -- legacy model runner (V1 interface): rows of the persistent batch
     def update_state(self, batch_update: BatchUpdate | None) -> None:
@@ -119,7 +124,8 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
             self.steered = bool(table.steered[: self.batch_size].any())
             if self.steered:
                 table.flush(self.batch_size)
-        STEP.arm(self.batch_size, self.steered)
+        # The legacy runner computes the sampling logits from one row per request of the persistent batch.
+        self.steering.arm(SamplingRows(self.batch_size, self.steered))
 
     def is_argmax_invariant(self) -> bool:
         # apply() leaves logits alone; the steering happened before the LM head.
@@ -142,8 +148,14 @@ class SteerLogitsProcessor(V1LogitsProcessor, V2LogitsProcessor):
         return logits
 
 
-def pipeline_note(stage: int, stages: int) -> str:
-    return f"pipeline stage {stage + 1} of {stages} (the last: it computes the logits)"
+def pipeline_stage() -> tuple[int, int]:
+    """(this worker's pipeline stage, the number of stages); (0, 1) outside a distributed run."""
+    from vllm.distributed import parallel_state
+
+    if not parallel_state.model_parallel_is_initialized():
+        return 0, 1
+    group = parallel_state.get_pp_group()
+    return group.rank_in_group, group.world_size
 
 
 def check_steer_set(config: SteerConfig, file_sha256: dict[str, str], additional_config: object) -> None:

@@ -3,28 +3,23 @@ runner gives it, on the host and on the device, over the low-rank bank of the lo
 
 from __future__ import annotations
 
-import hashlib
-import socket
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from vllm.logger import init_logger
 
-from vllm_steer.steer.file import SteerFile, SteerFileError
+from vllm_steer.log import logger
+from vllm_steer.steer.bank import BankStorage, SteerBank
+from vllm_steer.steer.file import SteerFile
 from vllm_steer.steer.fingerprint import check_fits_model
-from vllm_steer.steer.formula import SteerBank
 from vllm_steer.steer.values import SteerRequestError, parse_steer_args
 
 from .config import SteerConfig
 
 if TYPE_CHECKING:
     from vllm import SamplingParams
-
-logger = init_logger("vllm.vllm_steer")  # under vLLM's logger: its handler, level and format
 
 
 class SteerTable:
@@ -56,13 +51,14 @@ class SteerTable:
     @classmethod
     def load(cls, config: SteerConfig, capacity: int, device: torch.device, hidden_size: int) -> SteerTable:
         """A table over every steer of `config`, read from its file (on this node) and checked to fit a
-        model of this hidden size; packed on the host, dense where the torch op runs (off CUDA).
-        `file_sha256` records what was read, to compare with the steer set the front end started with."""
-        loaded = read_steer_files(config, list(config.steers))
+        model of this hidden size; packed on the host in the storage the op on `device` reads (placed on the
+        device once the model is loaded). `file_sha256` records what was read, to compare with the steer set
+        the front end started with."""
+        loaded = config.read_files()
         files = {name: steer for name, (steer, _) in loaded.items()}
         for name, steer in files.items():
             check_fits_model(steer.header, hidden_size, f"steer {name!r} ({config.steers[name]})")
-        table = cls(config, SteerBank.pack(files, "cpu", dense=torch.device(device).type != "cuda"), capacity, device)
+        table = cls(config, SteerBank.pack(files, BankStorage.for_device(device)), capacity, device)
         table.file_sha256 = {name: sha for name, (_, sha) in loaded.items()}
         return table
 
@@ -163,23 +159,3 @@ class SteerTable:
         if row_to_index is None:
             return self.steers[:count], self.values[:count]
         return self.steers[row_to_index], self.values[row_to_index]
-
-
-def read_steer_files(config: SteerConfig, names: list[str]) -> dict[str, tuple[SteerFile, str]]:
-    """The named steers of `config` read from their paths on this node, each with the SHA-256 of its
-    bytes. A path this node cannot read stops start-up with an error naming the node and the path
-    (on a server spread over several nodes, every node needs the steer files at the same paths)."""
-    loaded = {}
-    for name in names:
-        path = config.steers[name]
-        where = f"steer {name!r} ({path}, read on node {socket.gethostname()})"
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise SteerFileError(
-                f"steer file not found or unreadable: {path} (steer {name!r}, on node {socket.gethostname()}: "
-                f"{e.strerror or e}). Every node of the server reads the steers configured at start-up from the same "
-                "paths: put the file there, or start without it and load it at run time (POST /v1/load_steer sends "
-                "the file's bytes to every worker).") from e
-        loaded[name] = (SteerFile.from_bytes(data, where=where), hashlib.sha256(data).hexdigest())
-    return loaded

@@ -68,8 +68,8 @@ _V2 = "vllm.v1.worker.gpu.sample.logits_processor.interface"
 _PROCESSOR_USE = "SteerLogitsProcessor implements it"
 
 # Each group is checked where it is used: "plugin" in every process with steers configured, the others
-# where their code runs (Model Runner V2's worker, `vllm-steer serve`'s launcher and KV-cache sizing, the
-# registry's front end).
+# where their code runs (a worker of each model runner, `vllm-steer serve`'s launcher and KV-cache sizing,
+# the registry's front end).
 INTERNALS: dict[str, tuple[Internal, ...]] = {
     "plugin": (
         Internal("vllm.model_executor.custom_op:PluggableLayer.register_oot", "registers the steered logits layer",
@@ -118,6 +118,11 @@ INTERNALS: dict[str, tuple[Internal, ...]] = {
         *(Internal(request, "wrapped: steered beam search is refused (it reads vllm_xargs)",
                    fields=("to_beam_search_params", "vllm_xargs")) for request in BEAM_SEARCH_REQUESTS),
         Internal("vllm.logger:init_logger", "vllm-steer logs under vLLM's logger", params=("name",)),
+    ),
+    "legacy_runner": (
+        Internal("vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+                 "wrapped: the step's sampling logits are computed inside it",
+                 params=("self", "scheduler_output", "intermediate_tensors")),
     ),
     "model_runner_v2": (
         Internal("vllm.v1.worker.gpu.model_runner:GPUModelRunner.sample",

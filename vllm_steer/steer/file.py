@@ -184,6 +184,11 @@ class SteerFile:
         )
         return cls(header, projector1, projector2)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its projectors (what its file holds, bar the header)."""
+        return sum(t.numel() * t.element_size() for t in (self.projector1, self.projector2))
+
     def with_header(self, **changes: Any) -> SteerFile:
         return SteerFile(replace(self.header, **changes), self.projector1, self.projector2)
 

@@ -1,5 +1,5 @@
-"""`vllm-steer convert`: turn a checkpoint written by the LM-Steer reference code into a steer file,
-reading what the checkpoint says and refusing to guess what it does not.
+"""`vllm-steer convert`: turn a checkpoint written by the LM-Steer reference code into a steer file, reading
+what the checkpoint says (reference_checkpoint.py reads it) and refusing to guess what it does not.
 
 The reference's scripts save two layouts with `torch.save`:
 
@@ -16,9 +16,7 @@ says the file is trusted. Storages saved on a GPU (`cuda:0`) are mapped to the C
 
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +27,24 @@ import torch
 from vllm_steer.steer.file import SteerFile, SteerFileError
 from vllm_steer.steer.fingerprint import embedding_fingerprint
 
+from .reference_checkpoint import (
+    OLD_TRAIN_LAYOUT,
+    TRAIN_LAYOUT,
+    TRANSFER_LAYOUT,
+    check_adaptor,
+    check_shapes,
+    is_first_release,
+    load_reference_payload,
+    projectors,
+    unpack,
+)
+
 # The reference's argument defaults (lm_steer/arguments.py) and the README recipes' layout
 # (train `--num_steers 2 --dummy_steer 1`, generate `--steer_values v 1`): what --assume-defaults assumes.
 REFERENCE_EPSILON = 1e-3
 REFERENCE_PRIMARY_DIM = 0
 REFERENCE_DUMMY_DIM = 1
 REFERENCE_DUMMY_VALUE = 1.0
-
-TRAIN_LAYOUT = "train.py: [Namespace, projectors, step]"
-OLD_TRAIN_LAYOUT = "train.py of the first release (bool dummy_steer): [Namespace, projectors, step]"
-TRANSFER_LAYOUT = "steer_transfer.py: [None, projectors, step], no Namespace"
 
 ASSUMED_RECIPE = (
     "the reference README's recipes train with `--num_steers 2 --dummy_steer 1` and eps 1e-3 (the default) "
@@ -91,31 +97,6 @@ class Conversion:
         return "\n".join(lines)
 
 
-def load_reference_payload(path: str | Path, trust_pickle: bool = False) -> Any:
-    """The object a reference checkpoint holds, every storage on the CPU. Without `trust_pickle`
-    only tensors, containers, numbers, strings and argparse.Namespace are allowed (no code runs)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference checkpoint not found: {path}")
-    try:
-        if trust_pickle:
-            return torch.load(str(path), map_location="cpu", weights_only=False)
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
-        if unsupported is None:
-            raise SteerFileError(f"{path}: cannot read as a torch checkpoint ({_first_line(e)})") from e
-        raise SteerFileError(
-            f"{path}: the file holds a Python object of type {unsupported.group(1)}, which the LM-Steer reference "
-            "scripts never save (they save tensors, an argparse.Namespace or None, and an int), so it was not "
-            "unpickled: unpickling runs whatever code the file names. If you made this file yourself or trust "
-            "its source, pass --trust-checkpoint to unpickle it fully."
-        ) from e
-    except Exception as e:
-        raise SteerFileError(f"{path}: cannot read as a torch checkpoint ({_first_line(e)})") from e
-
-
 def convert_reference_checkpoint(
     path: str | Path,
     options: ConvertOptions | None = None,
@@ -129,13 +110,13 @@ def convert_reference_checkpoint(
     options = options or ConvertOptions()
     path = Path(path)
     payload = load_reference_payload(path, options.trust_pickle)
-    namespace, state, step = _unpack(path, payload)
+    namespace, state, step = unpack(path, payload)
     args = vars(namespace) if namespace is not None else None
-    _check_adaptor(path, args)
-    p1, p2 = _projectors(path, state)
+    check_adaptor(path, args)
+    p1, p2 = projectors(path, state)
     num_dims, hidden, rank = p1.shape
-    _check_shapes(path, args, num_dims, rank)
-    layout = TRANSFER_LAYOUT if args is None else OLD_TRAIN_LAYOUT if _old_format(args) else TRAIN_LAYOUT
+    check_shapes(path, args, num_dims, rank)
+    layout = TRANSFER_LAYOUT if args is None else OLD_TRAIN_LAYOUT if is_first_release(args) else TRAIN_LAYOUT
 
     resolver = _Resolver(path, options, args, num_dims)
     epsilon = resolver.epsilon()
@@ -197,69 +178,6 @@ def head_bias_warning(model: str, bias: torch.Tensor | None) -> str | None:
         "0 and unsteered included: the served model is the real model plus the steer, the reference's is the "
         "model without its head bias plus the steer (a steer trained without b was fitted to the latter)."
     )
-
-
-# ---------------------------------------------------------------------------- reading the payload
-
-
-def _unpack(path: Path, payload: Any) -> tuple[argparse.Namespace | None, dict, int | None]:
-    if not (isinstance(payload, (list, tuple)) and len(payload) >= 2 and isinstance(payload[1], dict)):
-        raise SteerFileError(
-            f"{path}: expected the reference's [Namespace or None, {{'projector1', 'projector2'}}, step], "
-            f"got {_describe(payload)}"
-        )
-    namespace = payload[0]
-    if namespace is not None and not isinstance(namespace, argparse.Namespace):
-        raise SteerFileError(
-            f"{path}: the first entry is {_describe(namespace)}; the reference saves an argparse.Namespace "
-            "(train.py) or None (steer_transfer.py) there"
-        )
-    step = payload[2] if len(payload) > 2 and isinstance(payload[2], int) else None
-    return namespace, payload[1], step
-
-
-def _projectors(path: Path, state: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    if "projector1" not in state or "projector2" not in state:
-        other = [k for k in ("add_vec", "offset_vec") if k in state]
-        hint = (f" ({other[0]} is the reference's '{other[0].split('_')[0]}' adaptor; only 'multiply', the "
-                "paper's, is supported)") if other else ""
-        raise SteerFileError(f"{path}: the state dict has no projector1/projector2 (keys: {sorted(state)}){hint}")
-    p1, p2 = state["projector1"], state["projector2"]
-    if not (isinstance(p1, torch.Tensor) and isinstance(p2, torch.Tensor)):
-        raise SteerFileError(f"{path}: projector1/projector2 must be tensors, got {_describe(p1)}, {_describe(p2)}")
-    if p1.dim() != 3 or p1.shape != p2.shape:
-        raise SteerFileError(f"{path}: projectors must both be [K, D, r], got {tuple(p1.shape)} and {tuple(p2.shape)}")
-    return p1.detach().float().contiguous(), p2.detach().float().contiguous()
-
-
-def _old_format(args: dict) -> bool:
-    """The first public release: a bool dummy_steer (appended last) and pos_neg_independent."""
-    return isinstance(args.get("dummy_steer"), bool) or "pos_neg_independent" in args
-
-
-def _check_adaptor(path: Path, args: dict | None) -> None:
-    if args is None:
-        return
-    adaptor = args.get("adaptor_class", "multiply")
-    if adaptor != "multiply":
-        raise SteerFileError(f"{path}: adaptor_class {adaptor!r} is not supported, only 'multiply' (the paper's)")
-    component = args.get("adapted_component", "final_layer")
-    if component != "final_layer":
-        raise SteerFileError(
-            f"{path}: adapted_component {component!r}: this steer was trained on the model's input embedding, "
-            "not on the final hidden state that feeds the LM head, which is the only place vllm-steer applies "
-            "a steer ('final_layer'); serving it there would not be the steer that was trained"
-        )
-
-
-def _check_shapes(path: Path, args: dict | None, num_dims: int, rank: int) -> None:
-    for key, actual in (("num_steers", num_dims), ("rank", rank)):
-        said = (args or {}).get(key)
-        if isinstance(said, int) and not isinstance(said, bool) and said != actual:
-            raise SteerFileError(
-                f"{path}: the Namespace says {key}={said} but the projectors have {actual} "
-                f"(shape [K, D, r]): the Namespace does not describe these tensors, so nothing in it can be trusted"
-            )
 
 
 # ---------------------------------------------------------------------------- the three settings
@@ -363,7 +281,7 @@ class _Resolver:
                 "is 1 for positive examples and dim 1 is 1 for negative ones, so no single dim takes a signed "
                 "value. Choose the dim a scalar request sets with --primary-dim 0 (positive) or --primary-dim 1 "
                 "(negative), and send the other as a full list, e.g. {\"steer_x\": [0, 5, 1]}.")
-        if "training_steer" in args or (self.args is not None and _old_format(args)):
+        if "training_steer" in args or (self.args is not None and is_first_release(args)):
             trained = args.get("training_steer", 0)
             if not isinstance(trained, int) or isinstance(trained, bool) or not 0 <= trained < self.k:
                 raise SteerFileError(
@@ -428,10 +346,3 @@ def _json_scalar_or_list(value: Any) -> bool:
     return isinstance(value, (str, int, float, bool, type(None)))
 
 
-def _describe(obj: Any) -> str:
-    return f"a {type(obj).__module__}.{type(obj).__qualname__}"
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0] if text else ''}"

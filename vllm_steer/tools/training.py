@@ -19,13 +19,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from vllm_steer.steer.file import SteerFile
 from vllm_steer.steer.fingerprint import embedding_fingerprint
 from vllm_steer.steer.formula import steered_hidden
 
-from .hf_model import final_hidden_states, load_frozen_model, output_head
+from .hf_model import load_frozen_model, output_head
 from .hidden_cache import HiddenStateCache, build_cache, cache_key
 from .training_data import LabelledText, data_provenance
 
@@ -133,31 +132,6 @@ def cached_step_loss(config: TrainConfig, cache: HiddenStateCache, vectors: torc
     h, values, targets = cache.batch(ids, vectors, device)
     steered = steered_hidden(h, values, p1, p2, config.epsilon)
     loss = head_loss(steered, weight, bias, targets, getattr(torch, config.head_dtype))
-    return loss + regularisation(config, p1, p2)
-
-
-def recompute_step_loss(config: TrainConfig, lm, token_ids: Sequence[Sequence[int]], vectors: torch.Tensor,
-                        ids: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, device: torch.device | str,
-                        pad_id: int = 0) -> torch.Tensor:
-    """The reference's way, kept for the equivalence test and the speed benchmark: pad the
-    batch, run the whole model (no gradient), steer, LM head, cross-entropy with padding masked."""
-    seqs = [token_ids[i] for i in ids.tolist()]
-    width = max(len(s) for s in seqs)
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for row, s in enumerate(seqs):
-        input_ids[row, : len(s)] = torch.tensor(s)
-        mask[row, : len(s)] = 1
-    input_ids, mask = input_ids.to(device), mask.to(device)
-    with torch.no_grad():
-        h = final_hidden_states(lm, input_ids, mask)
-    b, t, d = h.shape
-    values = vectors[ids].to(device)[:, None, :].expand(b, t, -1).reshape(b * t, -1)
-    steered = steered_hidden(h.reshape(b * t, d), values, p1, p2, config.epsilon)
-    weight, bias = output_head(lm)
-    logits = (steered @ weight.T + (bias if bias is not None else 0)).reshape(b, t, -1)
-    labels = input_ids.masked_fill(mask == 0, -100)
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
     return loss + regularisation(config, p1, p2)
 
 

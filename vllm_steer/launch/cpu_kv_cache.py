@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from argparse import Namespace
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import metadata
@@ -113,21 +114,15 @@ class KVCacheChoice:
     size: KVCacheSize | None = None
 
 
-def choose_cpu_kv_cache(model: str, vllm_args: list[str], environ: Mapping[str, str] | None = None) -> KVCacheChoice:
-    """The KV cache for a CPU server of `model` started with `vllm_args`: nothing added when the
-    operator chose (VLLM_CPU_KVCACHE_SPACE, --kv-cache-memory-bytes in any spelling vLLM accepts,
-    --num-gpu-blocks-override), else `--kv-cache-memory-bytes` sized by `size_kv_cache`. If vLLM's
-    config cannot be read, nothing is added and the message says so."""
+def choose_cpu_kv_cache(namespace: Namespace, environ: Mapping[str, str] | None = None) -> KVCacheChoice:
+    """The KV cache for a CPU server started with vLLM's arguments `namespace` (their parse by vLLM's own
+    parser): nothing added when the operator chose (VLLM_CPU_KVCACHE_SPACE, --kv-cache-memory-bytes in any
+    spelling vLLM accepts, --num-gpu-blocks-override), else `--kv-cache-memory-bytes` sized by
+    `size_kv_cache`. If vLLM's config cannot be read, nothing is added and the message says so."""
     environ = os.environ if environ is None else environ
     if environ.get(KV_SPACE_ENV, "") != "":
         return KVCacheChoice([], f"vllm-steer: CPU build: KV cache {environ[KV_SPACE_ENV]} GiB, the operator's "
                                  f"{KV_SPACE_ENV}")
-    try:
-        from .launch import parse_vllm_args
-
-        namespace = parse_vllm_args(model, vllm_args)
-    except SystemExit:  # vLLM's parser rejected the arguments; vLLM will say why when it parses them itself
-        return KVCacheChoice([], "vllm-steer: CPU build: vLLM's parser rejected the arguments; KV cache left to vLLM")
     if namespace.kv_cache_memory_bytes is not None:
         return KVCacheChoice([], f"vllm-steer: CPU build: KV cache {namespace.kv_cache_memory_bytes / GIB:.2f} GiB, "
                                  "the operator's --kv-cache-memory-bytes")
@@ -156,7 +151,7 @@ def _size_from_vllm_config(namespace) -> tuple[KVCacheSize, str]:
     from vllm.usage.usage_lib import UsageContext
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
-    from .vllm_internals import check_internals
+    from vllm_steer.serving.vllm_internals import check_internals
 
     check_internals("kv_cache_sizing")
     config = EngineArgs.from_cli_args(namespace).create_engine_config(UsageContext.OPENAI_API_SERVER)

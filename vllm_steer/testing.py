@@ -1,5 +1,6 @@
-"""The server process helper: start an OpenAI-compatible vLLM server (with or without the plugin)
-as a child process and wait until it answers; what the demo, the tests and the benchmarks share."""
+"""What the tests, the benchmarks and the demo share to run and check vllm-steer, and users may use for their
+own: servers started as child processes (`vllm-steer serve`, or plain vLLM for comparisons) and waited for,
+random steers of any shape, and the reference's training step. Nothing of the plugin or the tools uses it."""
 
 from __future__ import annotations
 
@@ -10,7 +11,18 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from vllm_steer.steer.file import SteerFile
+from vllm_steer.steer.fingerprint import embedding_fingerprint
+from vllm_steer.steer.formula import steered_hidden
+from vllm_steer.tools.hf_model import final_hidden_states, output_head
+from vllm_steer.tools.training import TrainConfig, regularisation
 
 # Flags that make vLLM's CPU backend start on these machines (see the README's limits).
 CPU_SERVER_ARGS = ["--dtype", "float32", "--gpu-memory-utilization", "0.5", "--max-model-len", "1024"]
@@ -94,3 +106,42 @@ def plain_server_command(model: str, *extra: str) -> list[str]:
     """vLLM's own server, for comparisons; pair it with env VLLM_PLUGINS="" to keep the
     vllm-steer plugin out."""
     return [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, *extra]
+
+
+def random_steer(dim_names: Sequence[str], hidden_size: int, rank: int, *, seed: int = 0, sigma: float = 1.0,
+                 epsilon: float = 1e-3, embedding: torch.Tensor | None = None, **header_fields: Any) -> SteerFile:
+    """A steer whose P1 and P2 ([K, D, r]) are drawn, in that order, from N(0, sigma^2) with a
+    generator seeded `seed`; fingerprinted for `embedding` ([V, D]) if given. Other header fields
+    (bias_dims, base_model, max_abs_value, ...) pass through to `SteerFile.create`."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (len(dim_names), hidden_size, rank)
+    p1, p2 = (torch.randn(shape, generator=g) * sigma for _ in range(2))
+    if embedding is not None:
+        header_fields["fingerprint"] = embedding_fingerprint(embedding)
+    return SteerFile.create(p1, p2, dim_names=list(dim_names), epsilon=epsilon, **header_fields)
+
+
+def recompute_step_loss(config: TrainConfig, lm, token_ids: Sequence[Sequence[int]], vectors: torch.Tensor,
+                        ids: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor, device: torch.device | str,
+                        pad_id: int = 0) -> torch.Tensor:
+    """One training step's loss the reference's way, recomputing the forward pass: pad the batch, run the
+    whole model (no gradient), steer, LM head, cross-entropy with padding masked. What cached training is
+    checked against (tests/test_training.py) and timed against (benchmarks/train_speed.py)."""
+    seqs = [token_ids[i] for i in ids.tolist()]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(seqs), width, dtype=torch.long)
+    for row, s in enumerate(seqs):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        mask[row, : len(s)] = 1
+    input_ids, mask = input_ids.to(device), mask.to(device)
+    with torch.no_grad():
+        h = final_hidden_states(lm, input_ids, mask)
+    b, t, d = h.shape
+    values = vectors[ids].to(device)[:, None, :].expand(b, t, -1).reshape(b * t, -1)
+    steered = steered_hidden(h.reshape(b * t, d), values, p1, p2, config.epsilon)
+    weight, bias = output_head(lm)
+    logits = (steered @ weight.T + (bias if bias is not None else 0)).reshape(b, t, -1)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1), ignore_index=-100)
+    return loss + regularisation(config, p1, p2)

@@ -1,0 +1,139 @@
+"""How `vllm-steer serve` starts vLLM: the operator's vLLM arguments parsed once (by vLLM's own parser), the
+arguments and launcher chosen from them (vLLM's server module for one API server, vLLM's own `vllm serve`
+dispatcher, called in-process, for several API servers, data parallelism or headless nodes), the policy that
+refuses runtime updates where one front end cannot reach every engine, and the start itself."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from argparse import Namespace
+from dataclasses import dataclass, field
+
+from vllm_steer.serving.config import RAY_COPY_ENV, RUNTIME_UPDATES_ENV, ray_env_vars_to_copy, with_steer_digest
+
+STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
+# vLLM's data-parallel modes in which each front end reaches only its own engines: (flag, set in the args?).
+EXTERNAL_BALANCING = (
+    ("--data-parallel-external-lb", lambda a: bool(getattr(a, "data_parallel_external_lb", False))),
+    ("--data-parallel-rank", lambda a: getattr(a, "data_parallel_rank", None) is not None),
+    ("--data-parallel-hybrid-lb", lambda a: bool(getattr(a, "data_parallel_hybrid_lb", False))),
+    ("--data-parallel-start-rank", lambda a: getattr(a, "data_parallel_start_rank", None) is not None),
+    ("--data-parallel-multi-port-external-lb",
+     lambda a: bool(getattr(a, "data_parallel_multi_port_external_lb", False))),
+)
+RUNTIME_FLAG = f"{RUNTIME_UPDATES_ENV}=1"
+
+
+def parse_vllm_args(model: str, vllm_args: list[str]) -> Namespace:
+    """vLLM's own OpenAI-server parser over the operator's arguments: abbreviations, underscores,
+    human-readable sizes and --config files resolve exactly as vLLM will resolve them. ValueError if vLLM's
+    parser rejects them (it has printed why)."""
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_steer.serving.vllm_internals import moved
+
+    try:
+        return moved("make_arg_parser")(FlexibleArgumentParser()).parse_args(["--model", model, *vllm_args])
+    except SystemExit as e:
+        raise ValueError("vLLM's argument parser rejected the arguments above") from e
+
+
+def externally_balanced(args: Namespace) -> list[str]:
+    """The flags in `args` that make each front end reach only its own data-parallel engines."""
+    return [flag for flag, is_set in EXTERNAL_BALANCING if is_set(args)]
+
+
+def runtime_updates_refusal(args: Namespace) -> str | None:
+    """Why runtime loads and unloads cannot be served with these vLLM arguments, or None. Each API server keeps
+    its own list of admitted steers, and with external or hybrid data-parallel load balancing each front end
+    reaches only its own engines: a load through one would leave the others admitting a different set (vLLM
+    refuses runtime LoRA updates with several API servers for the same reason)."""
+    count = getattr(args, "api_server_count", None)
+    if count is not None and count > 1:
+        return (f"runtime steer loads (--allow-runtime-updates, {RUNTIME_FLAG}) cannot be used with "
+                f"--api-server-count {count}: each API server keeps its own list of admitted steers, so a load "
+                "through one would leave the others refusing the new steer and admitting unloaded ones. Run one API "
+                "server (--api-server-count 1; with --data-parallel-size N one API server still reaches all N "
+                "engines), or serve a fixed steer set without --allow-runtime-updates.")
+    if modes := externally_balanced(args):
+        return (f"runtime steer loads (--allow-runtime-updates, {RUNTIME_FLAG}) cannot be used with "
+                f"{', '.join(modes)}: with external or hybrid data-parallel load balancing each front end reaches "
+                "only its own engines, so a load through one would leave the other engines without the steer while "
+                "their front ends admit different sets. Serve a fixed steer set there (restart every node with the "
+                "new --steer list to change it), or use internal load balancing (one API server, "
+                "--data-parallel-size N), where one load reaches every engine.")
+    return None
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    """How `vllm-steer serve` starts vLLM: `argv`, vLLM's arguments (the operator's and ours);
+    `dispatcher`: through vLLM's `vllm serve` dispatcher rather than the single-server module;
+    `notes`: what was decided for the operator, printed before the start."""
+
+    argv: list[str]
+    dispatcher: bool
+    notes: list[str] = field(default_factory=list)
+    uses_ray: bool = False
+
+
+def plan_launch(args: Namespace, vllm_args: list[str], digest: str, runtime_updates: bool) -> LaunchPlan:
+    """The vLLM arguments and launcher for a steered server, from the operator's `vllm_args` and their parse
+    `args`. Refuses (ValueError) runtime updates where one front end cannot reach every engine and admit for
+    all of them."""
+    extra = ["--additional-config", json.dumps(with_steer_digest(args.additional_config, digest))]
+    notes = []
+    dp = args.data_parallel_size or 1
+    api_servers = args.api_server_count
+    if runtime_updates and api_servers is None and dp > 1 and not externally_balanced(args):
+        # vLLM would start one API server per engine; one front end reaches them all.
+        extra += ["--api-server-count", "1"]
+        api_servers = 1
+        notes.append(f"vllm-steer: --allow-runtime-updates with --data-parallel-size {dp}: one API server "
+                     "(--api-server-count 1) reaching all engines, so that a runtime load reaches every engine "
+                     "before the front end admits the new steer")
+    if runtime_updates and (refusal := runtime_updates_refusal(Namespace(**{**vars(args),
+                                                                            "api_server_count": api_servers}))):
+        raise ValueError(refusal)
+    dispatcher = (api_servers is not None and api_servers > 1) or dp > 1 or bool(args.headless)
+    uses_ray = "ray" in (args.distributed_executor_backend, args.data_parallel_backend)
+    return LaunchPlan([*vllm_args, *extra], dispatcher, notes, uses_ray)
+
+
+def prepare_environment() -> str:
+    """Name the steer variables for vLLM's Ray executors to copy to the workers on every node (the
+    legacy executor copies only listed names and prefixes), after the operator's own entries; returns
+    the line to log."""
+    os.environ[RAY_COPY_ENV] = ray_env_vars_to_copy(os.environ.get(RAY_COPY_ENV))
+    return (f"vllm-steer: Ray: {RAY_COPY_ENV}={os.environ[RAY_COPY_ENV]} (copied to the Ray workers on every node; "
+            "each worker checks that the steers it loads are the set this front end started with)")
+
+
+def launch(model: str, plan: LaunchPlan) -> None:
+    """Start vLLM; does not return while the server runs."""
+    argv = ["--model", model, "--logits-processors", STATE_PROCESSOR, *plan.argv]
+    if not plan.dispatcher:
+        # One API server: vLLM's server module (what `vllm serve` runs for one server).
+        os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv])
+    run_vllm_serve(argv)
+
+
+def run_vllm_serve(argv: list[str]) -> None:
+    """What `vllm serve ARGV` does, called in this process: the CPU wheel's `vllm` console script
+    cannot start (it asks for a distribution named "vllm"). vLLM starts its API servers and engine
+    cores with the spawn method, which re-imports the main module: the caller's must be guarded by
+    `if __name__ == "__main__"` (the `vllm-steer` script and `python -m vllm_steer.cli` are)."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.logger import configure_logging_from_args
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from vllm_steer.serving.vllm_internals import moved
+
+    moved("cli_env_setup")()
+    args = moved("make_arg_parser")(FlexibleArgumentParser(prog="vllm-steer serve")).parse_args(argv)
+    configure_logging_from_args(args)
+    command = ServeSubcommand()
+    command.validate(args)
+    command.cmd(args)
