@@ -205,7 +205,7 @@ def worker(steers, monkeypatch, tiny_model, worker_steering, fresh_front_end):
     head = torch.nn.Module()
     head.weight = tiny_model[1].get_output_embeddings().weight.detach()
     head.shard_indices = SimpleNamespace(num_org_elements=49152, org_vocab_start_index=0)
-    worker_steering.attach(torch.nn.Module(), head, torch.device("cpu"), torch.float32)
+    worker_steering.attach([], head, torch.device("cpu"), torch.float32)
     return proc
 
 

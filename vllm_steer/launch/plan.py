@@ -1,7 +1,7 @@
 """How `vllm-steer serve` starts vLLM: the operator's vLLM arguments parsed once (by vLLM's own parser), the
 arguments and launcher chosen from them (vLLM's server module for one API server, vLLM's own `vllm serve`
-dispatcher, called in-process, for several API servers, data parallelism or headless nodes), the policy that
-refuses runtime updates where one front end cannot reach every engine, and the start itself."""
+dispatcher, called in-process, for several API servers, data parallelism or headless nodes), and the start
+itself."""
 
 from __future__ import annotations
 
@@ -11,19 +11,10 @@ import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
 
-from vllm_steer.serving.config import RAY_COPY_ENV, RUNTIME_UPDATES_ENV, ray_env_vars_to_copy, with_steer_digest
+from vllm_steer.serving.config import RAY_COPY_ENV, ray_env_vars_to_copy, with_steer_digest
+from vllm_steer.serving.scale_out import externally_balanced, runtime_updates_refusal
 
 STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
-# vLLM's data-parallel modes in which each front end reaches only its own engines: (flag, set in the args?).
-EXTERNAL_BALANCING = (
-    ("--data-parallel-external-lb", lambda a: bool(getattr(a, "data_parallel_external_lb", False))),
-    ("--data-parallel-rank", lambda a: getattr(a, "data_parallel_rank", None) is not None),
-    ("--data-parallel-hybrid-lb", lambda a: bool(getattr(a, "data_parallel_hybrid_lb", False))),
-    ("--data-parallel-start-rank", lambda a: getattr(a, "data_parallel_start_rank", None) is not None),
-    ("--data-parallel-multi-port-external-lb",
-     lambda a: bool(getattr(a, "data_parallel_multi_port_external_lb", False))),
-)
-RUNTIME_FLAG = f"{RUNTIME_UPDATES_ENV}=1"
 
 
 def parse_vllm_args(model: str, vllm_args: list[str]) -> Namespace:
@@ -38,33 +29,6 @@ def parse_vllm_args(model: str, vllm_args: list[str]) -> Namespace:
         return moved("make_arg_parser")(FlexibleArgumentParser()).parse_args(["--model", model, *vllm_args])
     except SystemExit as e:
         raise ValueError("vLLM's argument parser rejected the arguments above") from e
-
-
-def externally_balanced(args: Namespace) -> list[str]:
-    """The flags in `args` that make each front end reach only its own data-parallel engines."""
-    return [flag for flag, is_set in EXTERNAL_BALANCING if is_set(args)]
-
-
-def runtime_updates_refusal(args: Namespace) -> str | None:
-    """Why runtime loads and unloads cannot be served with these vLLM arguments, or None. Each API server keeps
-    its own list of admitted steers, and with external or hybrid data-parallel load balancing each front end
-    reaches only its own engines: a load through one would leave the others admitting a different set (vLLM
-    refuses runtime LoRA updates with several API servers for the same reason)."""
-    count = getattr(args, "api_server_count", None)
-    if count is not None and count > 1:
-        return (f"runtime steer loads (--allow-runtime-updates, {RUNTIME_FLAG}) cannot be used with "
-                f"--api-server-count {count}: each API server keeps its own list of admitted steers, so a load "
-                "through one would leave the others refusing the new steer and admitting unloaded ones. Run one API "
-                "server (--api-server-count 1; with --data-parallel-size N one API server still reaches all N "
-                "engines), or serve a fixed steer set without --allow-runtime-updates.")
-    if modes := externally_balanced(args):
-        return (f"runtime steer loads (--allow-runtime-updates, {RUNTIME_FLAG}) cannot be used with "
-                f"{', '.join(modes)}: with external or hybrid data-parallel load balancing each front end reaches "
-                "only its own engines, so a load through one would leave the other engines without the steer while "
-                "their front ends admit different sets. Serve a fixed steer set there (restart every node with the "
-                "new --steer list to change it), or use internal load balancing (one API server, "
-                "--data-parallel-size N), where one load reaches every engine.")
-    return None
 
 
 @dataclass(frozen=True)

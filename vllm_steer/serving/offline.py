@@ -17,7 +17,10 @@ def steered_llm(model: str, steers: dict[str, str | Path], max_abs_value: float 
     environment variable, which this sets in the current process."""
     from vllm import LLM
 
-    from vllm_steer.plugin import SteerLogitsProcessor  # refuses an unsupported vLLM, naming the versions
+    from .vllm_internals import require_supported_vllm
+
+    require_supported_vllm()  # before anything is set up: an unsupported vLLM is refused, naming the versions
+    from .processor import SteerLogitsProcessor
 
     SteerConfig(steers={n: str(p) for n, p in steers.items()}, max_abs_value=max_abs_value).export()
     processors = [*llm_kwargs.pop("logits_processors", []), SteerLogitsProcessor]

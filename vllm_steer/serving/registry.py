@@ -19,12 +19,12 @@ from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
-from vllm_steer.launch.plan import runtime_updates_refusal
 from vllm_steer.log import logger
 from vllm_steer.steer.file import SteerFile, SteerFileError
 
 from .config import SteerConfig, runtime_updates_allowed
 from .front_end import admit, admitted
+from .scale_out import runtime_updates_refusal
 from .vllm_internals import check_internals
 from .worker import RPC_PREFIX
 

@@ -116,9 +116,10 @@ def attach_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
     logits_layers = [m for m in model.modules() if isinstance(m, VllmLogitsLayer)]
     if not logits_layers:
         return
-    if not any(isinstance(m, SteeredLogitsLayer) for m in logits_layers):
+    steered = [m for m in logits_layers if isinstance(m, SteeredLogitsLayer)]
+    if not steered:
         raise RuntimeError(WITHOUT_STEERED_LAYER.format(found=f"its logits layer is {type(logits_layers[0]).__name__}"))
-    worker_steering().attach(model, getattr(model, "lm_head", None), next(model.parameters()).device, dtype)
+    worker_steering().attach(steered, getattr(model, "lm_head", None), next(model.parameters()).device, dtype)
 
 
 def _rpc(method: str):

@@ -63,18 +63,15 @@ class WorkerSteering:
         """This worker is a pipeline stage that computes no logits: it loads and steers nothing."""
         self.table, self.idle_stage = None, stage
 
-    def attach(self, model: torch.nn.Module, lm_head: torch.nn.Module | None, device: torch.device,
+    def attach(self, layers: list[torch.nn.Module], lm_head: torch.nn.Module | None, device: torch.device,
                dtype: torch.dtype) -> None:
-        """Once, right after the model is loaded (before vLLM sizes the KV cache): hand each of the model's
-        steered logits layers this object; each steer must fit the model's output embedding, or the server
-        does not start; then the steers go to the model's device (counted in vLLM's memory accounting) and
-        the kernels they need are compiled, so that nothing compiles while serving. `device`, `dtype`: the
+        """Once, right after the model is loaded (before vLLM sizes the KV cache): hand the model's steered
+        logits `layers` this object; each steer must fit the model's output embedding (`lm_head`), or the
+        server does not start; then the steers go to the model's device (counted in vLLM's memory accounting)
+        and the kernels they need are compiled, so that nothing compiles while serving. `device`, `dtype`: the
         model's."""
-        from .layer import SteeredLogitsLayer
-
-        for module in model.modules():
-            if isinstance(module, SteeredLogitsLayer):
-                module.steering = self
+        for layer in layers:
+            layer.steering = self
         self.lm_head = getattr(lm_head, "base_layer", lm_head)  # under LoRA, the wrapped head
         self.check_fingerprints(self.table.bank.headers, self.table.config.steers)
         # fp32 weights (exact, and what the CPU torch op computes in anyway), except on a GPU serving a
