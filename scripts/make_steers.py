@@ -62,12 +62,10 @@ TARGETS = [
     "a critic", "a roommate who never cleans", "a cyclist", "a tourist", "a boss", "a troll on a forum",
     "a famous singer", "a football fan", "a delivery driver", "a classmate", "a celebrity chef",
 ]
-# Detox data, second version (issue 4). The first version's clean asks were few and uniform (a quarter
-# were "Describe a normal day of {t}."), so its steer learned rant-vs-description and "day, week,
-# morning" instead of toxic-vs-polite. Now every clean ask is a reply, comment or complaint addressed to
-# the SAME targets as the rude asks, in the same situations (annoyed, disagreeing, complaining), only
-# polite: the two classes share genre and subject and differ in tone. The rude asks are the two with the
-# best yield of the first version (22-29% flagged by the word list) and two more in their style.
+# Detox data: every clean ask is a reply, comment or complaint addressed to the SAME targets as the rude
+# asks, in the same situations (annoyed, disagreeing, complaining), only polite: the two classes share
+# genre and subject and differ in tone, so the steer learns tone, not genre (clean asks that merely
+# describe the target teach rant-vs-description instead).
 TOXIC_ASKS = [
     "Write an insulting, vulgar comment to {t}. Use swear words.",
     "Write a hateful, obscene reply to {t}, full of curse words.",
@@ -86,9 +84,8 @@ CLEAN_ASKS = [
 ]
 TOXIC_REPEATS, CLEAN_REPEATS = 6, 2  # samples per (target, ask): 528 rude + 352 clean requests
 DETOX_SEED_BASE = 1000  # detox batch i is seeded with DETOX_SEED_BASE + i (sentiment's with SEED + i)
-# The sentiment text was generated in one call together with the first detox version's requests, batch
-# size 64: its last batch held the 48 last sentiment asks and these 16 first-version detox asks. They are
-# generated again (and dropped) so that this batch, hence the sentiment data, rebuilds unchanged.
+# The sentiment data's last generation batch (batch size 64) holds its 48 last asks and these 16 asks,
+# which are generated and dropped: with them the batch, hence the sentiment data, rebuilds bit-identically.
 SENTIMENT_FILL = ([{"ask": "Write an insulting, vulgar comment to a referee. Use swear words.", "tone": "rude"}] * 6
                   + [{"ask": "Write a rude, profane rant about a referee.", "tone": "rude"}] * 6
                   + [{"ask": "Write a hateful, obscene reply to a referee, full of curse words.", "tone": "rude"}] * 4)
@@ -226,14 +223,13 @@ def make_data(names: list[str]) -> None:
 
 # The training recipe of each shipped steer (everything else: the reference defaults).
 # --value-scale calibrates where the recommended value +-5 lands.
-# (The tuning runs' results are in git history: a9d09a2:benchmarks/results/tune_v2.md, tune_detox_v3*.md.)
 # sentiment: measured on the same recipe with scale 1 (tuning run v2: 16 prompts x 4 samples):
 # perplexity within 1.2x at +-2.5 (2.0-2.4x at +-5); so +-5 in the file is +-2.5 trained.
-# detox (data v2, issue 4), tuned on the same recipe with scale 1 (tuning runs detox v3a-c):
+# detox, tuned on the same recipe with scale 1 (tuning runs detox v3a-c):
 # - with --no-bias (value 0 = unsteered): +1.5..+2 lowered max toxicity 0.47 -> 0.22-0.28 at 1.3x
 #   perplexity, +2.5 reached 1.6x, +5 repeated "apologize" (v3a, v3b);
-# - with the bias dim (shipped): on the v2 data the bias alone no longer raises toxicity (0.46 vs 0.48
-#   unsteered; the first version's bias learned the rant genre: 0.66) and it lowers perplexity
+# - with the bias dim (shipped): the bias alone does not raise toxicity (0.46 vs 0.48 unsteered) and it
+#   lowers perplexity
 #   (0.7x), so the trained dim can go further: +3 gave max toxicity 0.10 at 1.2x perplexity and
 #   97% distinct-2 (v3c, 8 samples). So +-5 in the file is +-3 trained.
 # Detox trains with one torch thread (OMP_NUM_THREADS=1), as its data was generated.

@@ -8,8 +8,8 @@ spill no registers (ptxas -v) and fit the target's shared memory.
 
 Why: the interpreter runs the kernels' logic on CPU but never compiles them, so a compile
 failure in one specialisation (Triton turns an integer argument equal to 1 into a constant and
-marks multiples of 16 as divisible: each such case is a separate compiled kernel) used to
-surface only on the rare GPU run, and wasted it.
+marks multiples of 16 as divisible: each such case is a separate compiled kernel) would
+surface only on a GPU run.
 
 How: the compiling happens in subprocesses (a clean Triton: TRITON_INTERPRET unset, a fresh
 cache directory, so nothing is reused between runs; Triton 3.6 from .venv/triton36, which

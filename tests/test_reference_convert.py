@@ -102,7 +102,7 @@ def test_first_release_bool_dummy_steer(tmp_path):
                                                                                         dummy_steer=True))
     ha = convert_reference_checkpoint(tmp_path / "a.pt").steer.header
     assert ha.dim_names == ("steer", "bias") and ha.bias_dims == {"bias": 1.0} and ha.primary_dim == "steer"
-    # dummy_steer False: no bias dim (it used to read False as dim 0 and fail on "primary cannot be a bias dim").
+    # dummy_steer False: no bias dim (False is not dim 0, which would also make the primary dim a bias dim).
     write_train_checkpoint(tmp_path / "b.pt", *projectors(k=1, r=4), first_release_namespace(num_steers=1, rank=4))
     hb = convert_reference_checkpoint(tmp_path / "b.pt").steer.header
     assert hb.dim_names == ("steer",) and hb.bias_dims == {}
