@@ -54,6 +54,21 @@ def test_inspect_prints_the_header(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["rank r"] == 7
 
 
+def test_the_steer_tools_import_no_vllm(tmp_path):
+    """Every subcommand but `serve` runs without importing vLLM (its import costs seconds and hundreds of MiB):
+    the package, the CLI and a tool, in a fresh interpreter."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "s.safetensors"
+    random_steer(["s", "bias"], bias={"bias": 1.0}).save(path)
+    code = ("import sys; from vllm_steer.cli import main; main(['inspect', sys.argv[1]]); "
+            "print('vllm imported' if any(m == 'vllm' or m.startswith('vllm.') for m in sys.modules) else 'no vllm')")
+    done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("no vllm"), done.stdout[-2000:]
+
+
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_keywords_find_the_word_a_constructed_steer_moves(toy, sign):
     _, lm, tokenizer = toy
