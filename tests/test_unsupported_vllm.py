@@ -62,7 +62,7 @@ if __name__ == "__main__":
     print("RESULT " + json.dumps({
         "version": vllm.__version__, "tokens": len(out[0].outputs[0].token_ids),
         "oot_layers": sorted(op_registry_oot), "steer_worker_methods": [m for m in dir(WorkerBase) if "steer" in m],
-        "beam_search_wrapped": hasattr(CompletionRequest.to_beam_search_params, "_vllm_steer_refusal"),
+        "beam_search_wrapped": hasattr(CompletionRequest.to_beam_search_params, "_vllm_steer_patch"),
     }))
 '''
 

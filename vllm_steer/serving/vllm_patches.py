@@ -24,6 +24,7 @@ checked (serving/vllm_internals.py lists them):
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from vllm.model_executor.custom_op import PluggableLayer, op_registry_oot
@@ -37,6 +38,7 @@ from .vllm_internals import BEAM_SEARCH_REQUESTS, check_internals, resolve
 from .worker import RPC_METHODS, RPC_PREFIX, SamplingRows, worker_steering
 
 OOT_LAYER_NAME = "LogitsProcessor"
+PATCHED_MARK = "_vllm_steer_patch"  # set on every wrapper installed here
 WITHOUT_STEERED_LAYER = (
     "vllm-steer: the model was built without the steered logits layer ({found}); refusing to serve steered requests "
     "unsteered. The layer comes from vllm-steer's vllm.general_plugins entry point, which must run before the model "
@@ -73,40 +75,34 @@ def require_steered_layer() -> None:
 
 def _refuse_steered_beam_search() -> None:
     """Patch 2: a ValueError in the API front end is an HTTP 400."""
-    for name in BEAM_SEARCH_REQUESTS:
-        request_class = resolve(name)
-        original = request_class.to_beam_search_params
-        if getattr(original, "_vllm_steer_refusal", False):
-            continue
 
-        @functools.wraps(original)
-        def to_beam_search_params(self, *args, _original=original, **kwargs):
+    def refusing(original: Callable) -> Callable:
+        def to_beam_search_params(self, *args, **kwargs):
             if has_steer_keys(self.vllm_xargs):
                 METRICS.rejected.labels(reason="beam_search").inc()
                 raise SteerRequestError("steering cannot be combined with use_beam_search: vLLM's beam search "
                                         "drops vllm_xargs, so the answer would be unsteered", "beam_search")
-            return _original(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
 
-        to_beam_search_params._vllm_steer_refusal = True
-        request_class.to_beam_search_params = to_beam_search_params
+        return to_beam_search_params
+
+    for name in BEAM_SEARCH_REQUESTS:
+        _wrap(resolve(name), "to_beam_search_params", refusing)
 
 
 def _attach_on_load_model() -> None:
     """Patch 3."""
     from vllm.v1.worker.gpu_worker import Worker
 
-    original = Worker.load_model
-    if getattr(original, "_vllm_steer_hook", False):
-        return
+    def attaching(original: Callable) -> Callable:
+        def load_model(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            if worker_steering().table is not None:
+                attach_model(self.model_runner.get_model(), self.model_config.dtype)
 
-    @functools.wraps(original)
-    def load_model(self, *args, **kwargs):
-        original(self, *args, **kwargs)
-        if worker_steering().table is not None:
-            attach_model(self.model_runner.get_model(), self.model_config.dtype)
+        return load_model
 
-    load_model._vllm_steer_hook = True
-    Worker.load_model = load_model
+    _wrap(Worker, "load_model", attaching)
 
 
 def attach_model(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -136,39 +132,45 @@ def mark_legacy_sampling() -> None:
     """Patch 5."""
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-    original = GPUModelRunner.execute_model
-    if getattr(original, "_vllm_steer_hook", False):
-        return
     check_internals("legacy_runner")
 
-    @functools.wraps(original)
-    def execute_model(self, *args, **kwargs):
-        with worker_steering().sampling():
-            return original(self, *args, **kwargs)
+    def marking(original: Callable) -> Callable:
+        def execute_model(self, *args, **kwargs):
+            with worker_steering().sampling():
+                return original(self, *args, **kwargs)
 
-    execute_model._vllm_steer_hook = True
-    GPUModelRunner.execute_model = execute_model
+        return execute_model
+
+    _wrap(GPUModelRunner, "execute_model", marking)
 
 
 def mark_mrv2_sampling() -> None:
     """Patch 6."""
     from vllm.v1.worker.gpu.model_runner import GPUModelRunner
 
-    original = GPUModelRunner.sample
-    if getattr(original, "_vllm_steer_hook", False):
-        return
     check_internals("model_runner_v2")
 
-    @functools.wraps(original)
-    def sample(self, hidden_states, input_batch, grammar_output):
-        steering = worker_steering()
-        if steering.table is None:
-            return original(self, hidden_states, input_batch, grammar_output)
-        slots = input_batch.idx_mapping_np[: input_batch.num_reqs]
-        step = SamplingRows(int(input_batch.logits_indices.shape[0]), bool(steering.table.steered[slots].any()),
-                            input_batch.expanded_idx_mapping)
-        with steering.sampling(step):
-            return original(self, hidden_states, input_batch, grammar_output)
+    def marking(original: Callable) -> Callable:
+        def sample(self, hidden_states, input_batch, grammar_output):
+            steering = worker_steering()
+            if steering.table is None:
+                return original(self, hidden_states, input_batch, grammar_output)
+            slots = input_batch.idx_mapping_np[: input_batch.num_reqs]
+            step = SamplingRows(int(input_batch.logits_indices.shape[0]), bool(steering.table.steered[slots].any()),
+                                input_batch.expanded_idx_mapping)
+            with steering.sampling(step):
+                return original(self, hidden_states, input_batch, grammar_output)
 
-    sample._vllm_steer_hook = True
-    GPUModelRunner.sample = sample
+        return sample
+
+    _wrap(GPUModelRunner, "sample", marking)
+
+
+def _wrap(owner: type, name: str, wrapping: Callable[[Callable], Callable]) -> None:
+    """Replace `owner.name` by `wrapping(original)`, once: vLLM loads plugins in a process more than once."""
+    original = getattr(owner, name)
+    if getattr(original, PATCHED_MARK, False):
+        return
+    wrapper = functools.wraps(original)(wrapping(original))
+    setattr(wrapper, PATCHED_MARK, True)
+    setattr(owner, name, wrapper)
