@@ -283,3 +283,12 @@ def test_only_the_steps_sampling_call_is_steered_and_a_surprise_is_loud(served, 
     with worker_steering.sampling():  # nothing steered armed: any call passes through
         other = torch.randn(5, 576)
         assert worker_steering.steer_sampling_rows(other) is other
+    # The legacy runner updates its batch inside execute_model, after the window opened: the rows armed then
+    # are the step's (vLLM's condense can move the last row into a hole, reporting no removal).
+    with worker_steering.sampling():
+        proc.update_state(BatchUpdate(batch_size=2, removed=[], moved=[],
+                                      added=[(1, SamplingParams(extra_args={"steer_beta": -3}), None, [])]))
+        steered = worker_steering.steer_sampling_rows(h)
+    assert torch.equal(steered[0], h[0])
+    torch.testing.assert_close(steered[1].double(), expected_row(h[1], served, {"steer_beta": -3}),
+                               rtol=1e-5, atol=1e-4)

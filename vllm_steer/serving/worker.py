@@ -50,7 +50,8 @@ class WorkerSteering:
         self.placement: tuple[torch.device, torch.dtype] | None = None  # the steer weights' device and dtype
         self.hidden_dtype: torch.dtype | None = None  # the model's hidden state dtype (the kernels compile for it)
         self._armed: SamplingRows | None = None  # the legacy runner's next sampling call, from update_state
-        self._sampling: SamplingRows | None = None  # set while the runner computes the step's sampling logits
+        self._in_window = False  # the runner is computing the step's sampling logits
+        self._window_step: SamplingRows | None = None  # Model Runner V2: the rows its sample() hands over
         self._sampling_calls = 0
         self._prepared: tuple[str, SteerTable] | None = None  # a runtime change, prepared, not yet served
 
@@ -91,20 +92,21 @@ class WorkerSteering:
         """The model runner computes this step's sampling logits inside (the legacy runner's execute_model,
         Model Runner V2's sample): the steered layer's call in here is that computation and is steered; every
         other call (the profile run, prompt logprobs, a draft model) passes through. `step`: the rows (Model
-        Runner V2); None: those the state processor armed (the legacy runner)."""
-        self._sampling, self._sampling_calls = step or self._armed, 0
+        Runner V2); None: those the state processor arms inside the window, before the logits (the legacy
+        runner updates its batch in execute_model)."""
+        self._in_window, self._window_step, self._sampling_calls = True, step, 0
         try:
             yield
         finally:
-            self._sampling = None
+            self._in_window, self._window_step = False, None
 
     def steer_sampling_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """The steered layer's call: inside `sampling`, the step's rows steered by their own steers."""
-        step = self._sampling
-        if step is None or self.table is None:
+        if not self._in_window or self.table is None:
             return hidden
+        step = self._window_step or self._armed
         self._sampling_calls += 1
-        if not step.steered:
+        if step is None or not step.steered:
             return hidden
         # The sampling logits are computed from exactly the step's logits rows (one per request in the legacy
         # runner's persistent batch, logits_indices under Model Runner V2), in one call. Anything else means
