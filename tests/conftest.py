@@ -25,7 +25,7 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         del os.environ["TRITON_INTERPRET"]
 
 import pytest  # noqa: E402
-from helpers import ENGINE_ARGS, SERVER_ENV, STEER_SERVER_ARGS, random_steer  # noqa: E402
+from helpers import ENGINE_ARGS, SERVER_ENV, STEER_SERVER_ARGS, load_dir_args, random_steer  # noqa: E402
 
 from vllm_steer import (  # noqa: E402
     SteerFile,
@@ -107,7 +107,8 @@ def servers(model_dir, steer_paths, tmp_path_factory):
     """The vllm-steer server and, for comparison, plain vLLM without the plugin; started
     side by side to share the start-up wait."""
     logs = tmp_path_factory.mktemp("logs")
-    steer = ServerProcess(steer_server_command(str(model_dir), steer_paths, *STEER_SERVER_ARGS, *ENGINE_ARGS),
+    steer = ServerProcess(steer_server_command(str(model_dir), steer_paths, *STEER_SERVER_ARGS,
+                                               *load_dir_args(tmp_path_factory), *ENGINE_ARGS),
                           logs / "steer_server.log", env=SERVER_ENV)
     plain = ServerProcess(plain_server_command(str(model_dir), *ENGINE_ARGS), logs / "plain_server.log",
                           env={**SERVER_ENV, "VLLM_PLUGINS": ""})

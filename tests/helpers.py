@@ -24,6 +24,12 @@ ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-cachin
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 # The session's steer server also runs the runtime registry, and bounds beta more tightly.
 STEER_SERVER_ARGS = ["--allow-runtime-updates", "--steer-bound", "beta=20"]
+
+
+def load_dir_args(tmp_path_factory) -> list[str]:
+    """The suite's runtime loads read steers from pytest's temporary folders: the servers that allow them
+    get the folder above those as their steer load folder."""
+    return ["--steer-load-dir", str(tmp_path_factory.getbasetemp())]
 # vLLM's automatic CPU binding wants one NUMA node per process that computes (tensor or pipeline
 # rank, data-parallel engine); this machine has one, so the two processes' OpenMP threads are bound
 # by hand, one allowed core each.

@@ -30,8 +30,10 @@ from helpers import (
     TWO_PROCESS_ENV,
     client,
     complete,
+    load_dir_args,
     run_alone,
     run_concurrently,
+    served_vs_formula,
     two_cores,
 )
 from prometheus_client.parser import text_string_to_metric_families
@@ -442,19 +444,19 @@ def steer_off_in_rank_1_rows(tiny_model, path: Path) -> int:
 
 
 @two_cores
-def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path):
+def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path, tmp_path_factory):
     """vLLM's CPU backend runs tensor-parallel size 2 here once its OpenMP threads are bound
     by hand. On a model that splits over 2 ranks, the steered logprobs served with TP=2 equal
     the paper's formula computed in float64 by HF transformers (TP=1 equals it in the parity
     test), unsteered included: each rank steers the replicated hidden state itself. A runtime
     load of a steer that only rank 1 can tell is wrong is refused by all ranks (400), and the
     server then answers exactly as before."""
-    from test_serving import served_vs_formula
     from transformers import AutoTokenizer
 
     folder, model, steer, steer_path = tiny_model
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    command = steer_server_command(str(folder), {"gamma": str(steer_path)}, *TP2_ARGS, "--allow-runtime-updates")
+    command = steer_server_command(str(folder), {"gamma": str(steer_path)}, *TP2_ARGS, "--allow-runtime-updates",
+                                   *load_dir_args(tmp_path_factory))
     with ServerProcess(command, tmp_path / "tp2.log", env=TWO_PROCESS_ENV) as server:
         assert "tensor_parallel_size=2" in server.log_tail(200_000)
         worst, smallest_effect = served_vs_formula(server, model, tokenizer, {"gamma": steer},

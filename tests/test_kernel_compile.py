@@ -74,12 +74,11 @@ def _dtype_pairs():
 
 
 def _tests_module():
-    """tests/test_kernel_triton.py (its meta_inputs and launch_cases). It picks the interpreter on
-    import unless TRITON_INTERPRET is set: set it to "0" just for the import (the kernels here are
-    already compiled-mode JITFunctions)."""
+    """tests/kernel_cases.py (the kernel tests' meta_inputs, bank_cols and launch_cases), imported with
+    TRITON_INTERPRET=0: the kernels here are compiled-mode JITFunctions."""
     os.environ["TRITON_INTERPRET"] = "0"
     try:
-        import test_kernel_triton as tk
+        import kernel_cases as tk
     finally:
         del os.environ["TRITON_INTERPRET"]
     return tk
@@ -219,7 +218,7 @@ def worker(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         raise SystemExit("compile workers must not run under TRITON_INTERPRET")
-    sys.path.insert(0, str(Path(__file__).resolve().parent))  # test_kernel_triton's launch list
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # kernel_cases: the kernel tests' launch list
     import triton
 
     from vllm_steer.kernels import triton_ops as st

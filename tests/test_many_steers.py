@@ -18,6 +18,7 @@ from helpers import (
     SERVER_ENV,
     complete,
     hf_steered_logprobs,
+    load_dir_args,
     random_steer,
     run_alone,
     run_concurrently,
@@ -64,6 +65,7 @@ def many(model_dir, output_embedding, tmp_path_factory):
     budget = sum(map(served_bytes, steers.values())) + served_bytes(late) + 2**20
     server = ServerProcess(
         steer_server_command(str(model_dir), {}, "--steer-dir", str(folder), "--allow-runtime-updates",
+                             *load_dir_args(tmp_path_factory),
                              "--max-steers-per-request", str(MAX_PER_REQUEST), "--steer-memory-budget", str(budget),
                              "--enforce-eager", *ENGINE_ARGS),  # eager: starts faster (no compile warm-up)
         tmp_path_factory.mktemp("many_logs") / "server.log", env=SERVER_ENV)

@@ -88,9 +88,12 @@ def test_load_use_and_unload_a_steer(servers, gamma, tmp_path):
 
     SteerFile.create(torch.randn(1, 64, 4), torch.randn(1, 64, 4), dim_names=["x"]).save(tmp_path / "d64.safetensors")
     for body, message in [({"name": "gamma", "path": gamma}, "already loaded"),
-                          ({"name": "bad", "path": str(tmp_path / "corrupt.safetensors")}, "not a readable"),
-                          ({"name": "bad", "path": str(tmp_path / "other.safetensors")}, "does not fit this model"),
-                          ({"name": "bad", "path": str(tmp_path / "d64.safetensors")}, "D=64"),
+                          ({"name": "bad", "path": str(tmp_path / "corrupt.safetensors")},
+                           "not a valid steer file: it is not a safetensors file"),
+                          ({"name": "bad", "path": str(tmp_path / "other.safetensors")},
+                           "does not fit this model's output embedding (its embedding fingerprint differs)"),
+                          ({"name": "bad", "path": str(tmp_path / "d64.safetensors")},
+                           "not a valid steer file: its hidden size is not the model's"),
                           ({"name": "bad name", "path": gamma}, "letters, digits")]:
         r = post(s, "/load_steer", body)
         assert r.status_code == 400 and message in r.text, r.text

@@ -28,7 +28,16 @@ import pytest
 import torch
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
-from helpers import PROMPTS, SERVER_ENV, TWO_PROCESS_ENV, complete, served_vs_formula, stand_in_config, two_cores
+from helpers import (
+    PROMPTS,
+    SERVER_ENV,
+    TWO_PROCESS_ENV,
+    complete,
+    load_dir_args,
+    served_vs_formula,
+    stand_in_config,
+    two_cores,
+)
 from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_steer import SteerConfig, SteerFile, embedding_fingerprint
@@ -177,16 +186,19 @@ def test_the_endpoint_plugin_refuses_too(monkeypatch):
     """Plain `vllm serve` users with VLLM_STEER_ALLOW_RUNTIME_UPDATES=1 get the same refusal when
     vLLM initialises the plugin's state in an API server (start-up stops), as vLLM refuses runtime
     LoRA updates with several API servers."""
+    from types import SimpleNamespace
+
+    engine = SimpleNamespace(vllm_config=SimpleNamespace(model_config=SimpleNamespace(get_hidden_size=lambda: 256)))
     plugin, state = registry.SteerEndpoints(), Namespace()
     monkeypatch.setenv(RUNTIME_UPDATES_ENV, "1")
     with pytest.raises(ValueError, match="cannot be used with --api-server-count 2"):
-        asyncio.run(plugin.init_state("engine", state, Namespace(api_server_count=2)))
+        asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=2)))
     with pytest.raises(ValueError, match="cannot be used with --data-parallel-hybrid-lb"):
-        asyncio.run(plugin.init_state("engine", state, Namespace(data_parallel_hybrid_lb=True)))
-    asyncio.run(plugin.init_state("engine", state, Namespace(api_server_count=None, data_parallel_size=2)))
-    assert state.vllm_steer_engine == "engine"
+        asyncio.run(plugin.init_state(engine, state, Namespace(data_parallel_hybrid_lb=True)))
+    asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=None, data_parallel_size=2)))
+    assert state.vllm_steer_engine is engine and state.vllm_steer_hidden_size == 256
     monkeypatch.delenv(RUNTIME_UPDATES_ENV)  # without runtime updates, any number of front ends
-    asyncio.run(plugin.init_state("engine", state, Namespace(api_server_count=4)))
+    asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=4)))
 
 
 @pytest.fixture
@@ -292,10 +304,20 @@ class FakeEngines:
 @pytest.fixture
 def front_end(steers, monkeypatch, fresh_front_end):
     monkeypatch.setenv(RUNTIME_UPDATES_ENV, "1")
-    admit(SteerConfig({"gamma": str(steers["gamma"])}, max_load_bytes=2**20).with_headers())
+    admit(SteerConfig({"gamma": str(steers["gamma"])}, max_load_bytes=2**20,
+                      load_dirs=(str(Path(steers["delta"]).parent),)).with_headers())
     app = FastAPI()
     registry.SteerEndpoints().attach_router(app)
+    app.state.vllm_steer_hidden_size = 256  # what init_state reads from the engine's config
     return app
+
+
+def worker_error(message: str, check: str | None = None) -> str:
+    """A worker's exception as vLLM's collective_rpc re-raises it in the front end, tagged as a worker tags a
+    refusal of a runtime load."""
+    from vllm_steer.serving.worker import REFUSAL_TAG
+
+    return f"Worker failed with error '{message}{' ' + REFUSAL_TAG.format(check) if check else ''}'"
 
 
 def test_a_load_changes_every_engine_or_none(front_end, steers):
@@ -305,9 +327,11 @@ def test_a_load_changes_every_engine_or_none(front_end, steers):
     every engine serves it; a file over the size bound never leaves the front end."""
     body = {"name": "delta", "path": str(steers["delta"])}
     with TestClient(front_end) as http:
-        front_end.state.vllm_steer_engine = engines = FakeEngines({"vllm_steer_prepare": "engine 1 refused it"})
+        refusal = worker_error("engine 1: row 3 norm 1.25 != 2.5", "it does not fit this model's output embedding")
+        front_end.state.vllm_steer_engine = engines = FakeEngines({"vllm_steer_prepare": refusal})
         r = http.post("/v1/load_steer", json=body)
-        assert r.status_code == 400 and "engine 1 refused it" in r.text and "nothing changed" in r.text
+        assert r.status_code == 400 and "nothing changed" in r.text, r.text
+        assert "it does not fit this model's output embedding" in r.text and "norm" not in r.text
         (prepare, (token, config_json, name, data)), (discard, (discarded,)) = engines.calls
         assert (prepare, discard, discarded, name) == ("vllm_steer_prepare", "vllm_steer_discard", token, "delta")
         assert type(data) is bytes and data == Path(steers["delta"]).read_bytes()
@@ -330,7 +354,11 @@ def test_a_load_changes_every_engine_or_none(front_end, steers):
         big.write_bytes(b"\0" * (2**20 + 1))
         engines.calls.clear()
         r = http.post("/v1/load_steer", json={"name": "big", "path": str(big)})
-        assert r.status_code == 400 and "over the 1 MiB a runtime load accepts" in r.text and not engines.calls
+        assert r.status_code == 413 and "larger than the 1 MiB a runtime load accepts" in r.text and not engines.calls
+        # A worker's error that is not a tagged refusal is not passed on: it may quote anything.
+        front_end.state.vllm_steer_engine = FakeEngines({"vllm_steer_prepare": worker_error("SECRET in a trace")})
+        r = http.post("/v1/load_steer", json=body)
+        assert r.status_code == 400 and "a worker refused it" in r.text and "SECRET" not in r.text
 
 
 # ---------------------------------------------------------------------------- helpers for the engine tests
@@ -397,7 +425,7 @@ class TestPipelineParallel:
         procs = {
             "pp": tiny_steer_server(tiny_model, steers, logs / "pp.log", "--pipeline-parallel-size", "2",
                                     "--distributed-executor-backend", "mp", "--allow-runtime-updates",
-                                    env=TWO_PROCESS_ENV),
+                                    *load_dir_args(tmp_path_factory), env=TWO_PROCESS_ENV),
             # Refused at start-up (each in its own processes, started now to share the wait):
             # the Ray executor; a worker whose steer set is not the front end's (its environment says
             # gamma, the front end started with gamma bounded at 7); a worker that cannot read a path.
@@ -492,7 +520,8 @@ class TestDataParallel:
     def dp(self, tiny_model, steers, tmp_path_factory):
         log = tmp_path_factory.mktemp("dp_logs") / "dp.log"
         with tiny_steer_server(tiny_model, steers, log, "--data-parallel-size", "2", "--enforce-eager",
-                               "--allow-runtime-updates", env=TWO_PROCESS_ENV) as server:
+                               "--allow-runtime-updates", *load_dir_args(tmp_path_factory),
+                               env=TWO_PROCESS_ENV) as server:
             yield server
 
     def engine_counts(self, server: ServerProcess) -> list[float]:

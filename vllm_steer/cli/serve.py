@@ -15,6 +15,7 @@ from vllm_steer.serving.config import (
     NAME_PATTERN,
     RUNTIME_UPDATES_ENV,
     SteerConfig,
+    resolved_roots,
     steer_set_digest,
 )
 
@@ -35,6 +36,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="refuse to load steers taking more than SIZE (e.g. 512M, 2G) where they are served")
     p.add_argument("--max-load-size", type=byte_size, default=DEFAULT_MAX_LOAD_BYTES, metavar="SIZE",
                    help="the largest steer file POST /v1/load_steer accepts (sent to every worker; default 512M)")
+    p.add_argument("--steer-load-dir", action="append", default=[], metavar="DIR",
+                   help="a folder POST /v1/load_steer may name paths in (repeatable; without one, runtime loads "
+                        "take uploads only)")
     p.add_argument("--max-abs-value", type=float, default=DEFAULT_MAX_ABS_VALUE,
                    help="largest |steer value| a request may ask for (default %(default)s)")
     p.add_argument("--steer-bound", action="append", default=[], metavar="NAME=BOUND",
@@ -65,7 +69,8 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
             steers[name] = path
     config = SteerConfig(steers=steers, bounds=name_value_pairs(args.steer_bound, "--steer-bound", "NAME=BOUND", float),
                          max_abs_value=args.max_abs_value, max_steers_per_request=args.max_steers_per_request,
-                         memory_budget=args.steer_memory_budget, max_load_bytes=args.max_load_size)
+                         memory_budget=args.steer_memory_budget, max_load_bytes=args.max_load_size,
+                         load_dirs=resolved_roots(args.steer_load_dir))
     # Fail here, in a second, rather than after the engine starts.
     loaded = config.read_files()
     bounds = config.bounds_for({name: steer.header for name, (steer, _) in loaded.items()})

@@ -37,6 +37,8 @@ DEFAULT_MAX_LOAD_BYTES = 512 * 2**20
 # Above this size the configuration travels in a file named by the environment variable ("@PATH"):
 # one environment string may not exceed 128 KiB on Linux (about 1,500 steer paths).
 ENV_INLINE_LIMIT = 120 * 1024
+# What a steer loaded from an upload has in place of a path.
+UPLOADED = "(uploaded)"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class SteerConfig:
     for; bounds: the operator's tighter or looser bound for particular steers;
     max_steers_per_request: how many steers one request may compose; memory_budget: the most
     bytes the loaded steers may take where they are served (None: no limit); max_load_bytes: the
-    largest steer file a runtime load accepts. headers: the steers' headers where they have been read
+    largest steer file a runtime load accepts; load_dirs: the folders runtime loads may name paths in (none:
+    runtime loads take uploads only). headers: the steers' headers where they have been read
     (`with_headers`: the front end, which validates requests against them; workers take theirs from
     the weights they load); not part of the configuration that travels."""
 
@@ -55,10 +58,12 @@ class SteerConfig:
     max_steers_per_request: int = DEFAULT_MAX_STEERS_PER_REQUEST
     memory_budget: int | None = None
     max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES
+    load_dirs: tuple[str, ...] = ()
     headers: dict[str, SteerHeader] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "steers", {n: str(Path(p).resolve()) for n, p in self.steers.items()})
+        object.__setattr__(self, "steers", {n: p if p == UPLOADED else str(Path(p).resolve())
+                                            for n, p in self.steers.items()})
         for name in self.steers:
             if not NAME_PATTERN.match(name):
                 raise ValueError(f"steer name {name!r} must be letters, digits and underscores")
@@ -119,7 +124,8 @@ class SteerConfig:
     def to_json(self) -> str:
         return json.dumps({"steers": self.steers, "max_abs_value": self.max_abs_value, "bounds": self.bounds,
                            "max_steers_per_request": self.max_steers_per_request,
-                           "memory_budget": self.memory_budget, "max_load_bytes": self.max_load_bytes})
+                           "memory_budget": self.memory_budget, "max_load_bytes": self.max_load_bytes,
+                           "load_dirs": list(self.load_dirs)})
 
     @classmethod
     def from_json(cls, text: str) -> SteerConfig:
@@ -130,7 +136,8 @@ class SteerConfig:
                        bounds={n: float(b) for n, b in data.get("bounds", {}).items()},
                        max_steers_per_request=int(data.get("max_steers_per_request", DEFAULT_MAX_STEERS_PER_REQUEST)),
                        memory_budget=data.get("memory_budget"),
-                       max_load_bytes=int(data.get("max_load_bytes", DEFAULT_MAX_LOAD_BYTES)))
+                       max_load_bytes=int(data.get("max_load_bytes", DEFAULT_MAX_LOAD_BYTES)),
+                       load_dirs=tuple(str(d) for d in data.get("load_dirs", ())))
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{ENV_VAR} is not valid steer configuration JSON: {e}") from e
 
@@ -215,3 +222,13 @@ def ray_env_vars_to_copy(current: str | None) -> str:
 
 def runtime_updates_allowed() -> bool:
     return os.environ.get(RUNTIME_UPDATES_ENV, "").lower() in ("1", "true")
+
+
+def resolved_roots(folders: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """The load folders as real paths (symlinks resolved), each an existing folder; ValueError otherwise."""
+    roots = []
+    for folder in folders:
+        if not Path(folder).is_dir():
+            raise ValueError(f"--steer-load-dir {folder}: not a folder")
+        roots.append(os.path.realpath(folder))
+    return tuple(dict.fromkeys(roots))

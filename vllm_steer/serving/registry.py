@@ -12,41 +12,37 @@ naming an unloaded steer before the workers drop it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import re
 import uuid
-from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 
 from vllm_steer.log import logger
-from vllm_steer.steer.file import SteerFile, SteerFileError
+from vllm_steer.steer.file import SteerFileError
+from vllm_steer.steer.fingerprint import check_fits_model
 
-from .config import SteerConfig, runtime_updates_allowed
+from .config import UPLOADED, SteerConfig, resolved_roots, runtime_updates_allowed
 from .front_end import admit, admitted
+from .load_sources import LoadRefused, LoadSource, parse_steer, read_path, read_upload
 from .scale_out import runtime_updates_refusal
 from .vllm_internals import check_internals
-from .worker import RPC_PREFIX
+from .worker import REFUSAL_TAG, RPC_PREFIX
 
 _REGISTRY_LOCK = asyncio.Lock()
+_TAG = re.compile(re.escape(REFUSAL_TAG).replace(re.escape("{}"), "(.+?)"))
 
 
 def describe_steers(config: SteerConfig, bounds: dict[str, float]) -> list[dict]:
-    """What GET /v1/steers lists: each served steer's header and bound."""
-    return [{"name": name, "path": config.steers[name], "dim_names": list(h.dim_names), "primary_dim": h.primary_dim,
-             "bias_dims": h.bias_dims, "epsilon": h.epsilon, "rank": h.rank, "hidden_size": h.hidden_size,
-             "base_model": h.base_model, "max_abs_value": bounds[name],
-             "fingerprint": h.fingerprint is not None, "parameters": 2 * h.num_dims * h.hidden_size * h.rank}
+    """What GET /v1/steers lists: each served steer's name, dims, eps, rank, base model, bound and size; no
+    paths (the operator's log has them)."""
+    return [{"name": name, "dim_names": list(h.dim_names), "primary_dim": h.primary_dim, "bias_dims": h.bias_dims,
+             "epsilon": h.epsilon, "rank": h.rank, "hidden_size": h.hidden_size, "base_model": h.base_model,
+             "max_abs_value": bounds[name], "fingerprint": h.fingerprint is not None,
+             "parameters": 2 * h.num_dims * h.hidden_size * h.rank}
             for name, h in config.catalog.items()]
-
-
-def read_steer_upload(path: str, limit: int) -> bytes:
-    """A steer file's bytes for a runtime load, at most `limit` bytes (they travel to every worker)."""
-    size = Path(path).stat().st_size
-    if size > limit:
-        raise SteerFileError(f"{path}: {size / 2**20:.1f} MiB, over the {limit / 2**20:.0f} MiB a runtime load "
-                             "accepts (--max-load-size): its bytes are sent to every worker")
-    return Path(path).read_bytes()
 
 
 async def change_steer_set(engine, new: SteerConfig, added: str | None = None, data: bytes | None = None) -> None:
@@ -69,6 +65,8 @@ class PartialCommitError(RuntimeError):
 
 
 class LoadSteerRequest(BaseModel):
+    """The JSON form of a runtime load: a path under the server's steer load folders."""
+
     name: str
     path: str
     max_abs_value: float | None = None
@@ -89,7 +87,8 @@ class SteerEndpoints:
 
     def attach_router(self, app: FastAPI) -> None:
         def error(status: int, message: str) -> JSONResponse:
-            kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
+            kind = {400: "BadRequestError", 404: "NotFoundError", 413: "PayloadTooLargeError"}.get(
+                status, "InternalServerError")
             return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
         router = APIRouter()
@@ -102,31 +101,42 @@ class SteerEndpoints:
         if runtime_updates_allowed():
 
             @router.post("/v1/load_steer")
-            async def load_steer(body: LoadSteerRequest, raw: Request):
+            async def load_steer(raw: Request):
+                # The file is read and checked before the lock, so that a slow upload or read never holds up
+                # other loads, unloads or listings.
+                try:
+                    source = await _load_source(raw, admitted().config)
+                except ValueError as e:  # LoadRefused, or the name or bound SteerConfig refuses
+                    return error(getattr(e, "status", 400), f"cannot load the steer: {e}")
+                try:
+                    steer = parse_steer(source)
+                    check_fits_model(steer.header, raw.app.state.vllm_steer_hidden_size, source.origin)
+                except ValueError as e:
+                    return error(400, f"cannot load steer {source.name!r}: {_client_text(e)}")
                 async with _REGISTRY_LOCK:
                     current = admitted().config
                     try:
-                        current.with_steer(body.name, body.path, None, body.max_abs_value)  # name, duplicate, bound
-                        data = await asyncio.to_thread(read_steer_upload, body.path, current.max_load_bytes)
-                        # Format, shapes, NaN: checked here, once, before any worker sees the bytes.
-                        steer = SteerFile.from_bytes(data, where=body.path)
-                        new = current.with_steer(body.name, body.path, steer.header, body.max_abs_value)
-                    except (ValueError, OSError) as e:
-                        return error(400, f"cannot load steer {body.name!r}: {e}")
+                        new = current.with_steer(source.name, source.path or UPLOADED, steer.header,
+                                                 source.max_abs_value)
+                    except ValueError as e:  # loaded meanwhile under this name
+                        return error(400, f"cannot load steer {source.name!r}: {e}")
+                    logger.info("vllm-steer: loading steer %r from %s", source.name, source.origin)
                     try:
-                        await change_steer_set(raw.app.state.vllm_steer_engine, new, body.name, data)
+                        await change_steer_set(raw.app.state.vllm_steer_engine, new, source.name, source.data)
                     except PartialCommitError as e:
                         logger.error("vllm-steer: loading %r: every worker prepared it, but committing failed: %s",
-                                     body.name, e)
-                        return error(500, f"loading steer {body.name!r}: every worker accepted it, but switching to "
-                                          f"it failed in at least one ({e}); the workers may now serve different steer "
+                                     source.name, e)
+                        return error(500, f"loading steer {source.name!r}: every worker accepted it, but switching to "
+                                          "it failed in at least one; the workers may now serve different steer "
                                           f"sets while this front end still admits only {sorted(current.steers)}. "
-                                          f"Unload {body.name!r} and load it again, or restart the server.")
-                    except Exception as e:  # a worker refused it (hidden size, fingerprint, budget): nothing changed
-                        return error(400, f"cannot load steer {body.name!r}: {e} (nothing changed: every engine "
-                                          "and worker still serves the steers it served before)")
+                                          f"Unload {source.name!r} and load it again, or restart the server.")
+                    except Exception as e:  # a worker refused it (fingerprint, budget): nothing changed
+                        logger.warning("vllm-steer: loading %r: refused by a worker: %s", source.name, e)
+                        return error(400, f"cannot load steer {source.name!r}: not a valid steer file for this server: "
+                                          f"{worker_refusal(e)} (nothing changed: every engine and worker still "
+                                          "serves the steers it served before)")
                     admit(new)
-                    return {"loaded": body.name, "steers": list(new.steers)}
+                    return {"loaded": source.name, "steers": list(new.steers)}
 
             @router.post("/v1/unload_steer")
             async def unload_steer(body: UnloadSteerRequest, raw: Request):
@@ -153,3 +163,34 @@ class SteerEndpoints:
         if runtime_updates_allowed() and (refusal := runtime_updates_refusal(args)):
             raise ValueError(f"vllm-steer: {refusal}")
         state.vllm_steer_engine = engine_client
+        state.vllm_steer_hidden_size = engine_client.vllm_config.model_config.get_hidden_size()
+
+
+async def _load_source(request: Request, config: SteerConfig) -> LoadSource:
+    """A runtime load's steer file: uploaded (multipart/form-data), or a path under the load folders (JSON). The
+    name (letters, digits, underscores; not loaded yet) and the bound are checked before the path is read."""
+    if request.headers.get("content-type", "").startswith("multipart/form-data"):
+        source = await read_upload(request, config.max_load_bytes)
+        config.with_steer(source.name, UPLOADED, None, source.max_abs_value)
+        return source
+    try:
+        body = LoadSteerRequest.model_validate(await request.json())
+    except Exception as e:  # not JSON, or not the fields
+        raise LoadRefused("expected JSON {\"name\": ..., \"path\": ...} (a path under the server's steer load "
+                          "folders) or a multipart/form-data upload with the fields name and file"
+                          f" ({type(e).__name__})") from None
+    config.with_steer(body.name, UPLOADED, None, body.max_abs_value)
+    data = await read_path(body.path, resolved_roots(config.load_dirs), config.max_load_bytes)
+    return LoadSource(body.name, data, os.path.realpath(body.path), body.max_abs_value)
+
+
+def worker_refusal(error: BaseException) -> str:
+    """What a worker's refusal of a runtime load says, for the client: the check it tagged, else only that a
+    worker refused (the operator's log has the whole message)."""
+    found = _TAG.search(str(error))
+    return found.group(1) if found else f"a worker refused it ({type(error).__name__}; see the server log)"
+
+
+def _client_text(error: Exception) -> str:
+    """A refusal as the client is told it: the check a steer file failed, never what the file holds."""
+    return f"not a valid steer file: {error.check}" if isinstance(error, SteerFileError) else str(error)

@@ -18,7 +18,7 @@ import torch
 from vllm_steer.log import logger
 from vllm_steer.steer.bank import SteerBank
 from vllm_steer.steer.file import SteerFile, SteerFileError, SteerHeader
-from vllm_steer.steer.fingerprint import check_fits_model, fingerprint_mismatch
+from vllm_steer.steer.fingerprint import FINGERPRINT_MISMATCH, check_fits_model, fingerprint_mismatch
 
 from .config import SteerConfig
 from .table import SteerTable
@@ -26,6 +26,9 @@ from .table import SteerTable
 # The worker methods collective_rpc names for the runtime registry (installed on vLLM's WorkerBase).
 RPC_PREFIX = "vllm_steer_"
 RPC_METHODS = ("prepare", "commit", "discard")
+# A runtime load's refusal in a worker names the check that failed in this tag: the front end tells the client
+# that and nothing else of the message (which may quote the file).
+REFUSAL_TAG = "[vllm-steer check: {}]"
 
 
 @dataclass(frozen=True)
@@ -131,6 +134,14 @@ class WorkerSteering:
             if self.idle_stage is not None:
                 return {"stage": self.idle_stage}
             raise RuntimeError("vllm-steer is not active in this worker (no SteerLogitsProcessor)")
+        try:
+            return self._prepare(token, config_json, added, data)
+        except SteerFileError as e:
+            raise SteerFileError(f"{e} {REFUSAL_TAG.format(e.check)}", e.check) from e
+        except ValueError as e:
+            raise ValueError(f"{e} {REFUSAL_TAG.format(e)}") from e
+
+    def _prepare(self, token: str, config_json: str, added: str | None, data: bytes | None) -> dict:
         served = SteerConfig.from_json(config_json)
         files: dict[str, SteerFile] = {}
         if added is not None:
@@ -185,7 +196,7 @@ class WorkerSteering:
                 raise SteerFileError(
                     f"steer {name!r} ({sources.get(name, 'received')}) does not fit this model's output embedding: "
                     + (problem or "another tensor-parallel rank found a mismatch in its vocabulary shard")
-                    + (f"; it was made for {base_model}" if base_model else ""))
+                    + (f"; it was made for {base_model}" if base_model else ""), FINGERPRINT_MISMATCH)
 
     def _place(self, table: SteerTable) -> None:
         """Put a table's steers where the model is and compile their kernels there (at start-up, and for the
@@ -219,7 +230,8 @@ def _check_memory_budget(bank: SteerBank, budget: int | None) -> None:
             f"the {len(bank.names)} steers would take {bank.nbytes() / 2**20:.1f} MiB on {bank.device} in "
             f"{bank.dtype}, over the steer memory budget of {budget / 2**20:.1f} MiB (--steer-memory-budget); "
             "the largest: " + ", ".join(f"{n} ({bank.nbytes(n) / 2**20:.1f} MiB)" for n in largest)
-            + ". Load fewer steers, lower their rank, or raise the budget.")
+            + ". Load fewer steers, lower their rank, or raise the budget.",
+            "the steers would be over the steer memory budget (--steer-memory-budget)")
 
 
 def _refused_by_any_tp_rank(refused_here: list[bool], device: torch.device) -> list[bool]:

@@ -23,10 +23,17 @@ FORMAT = "vllm-steer/1"
 TENSOR_KEYS = ("projector1", "projector2")
 # safetensors itself refuses headers over 100 MB; a steer's is a few KiB.
 MAX_HEADER_BYTES = 100_000_000
+NOT_SAFETENSORS = "it is not a safetensors file"
 
 
 class SteerFileError(ValueError):
-    """A steer file is malformed, or does not fit the model it is loaded onto."""
+    """A steer file is malformed, or does not fit the model it is loaded onto. The message says it all, for the
+    operator; `check` names only which check failed, in words that quote nothing of the file: what a server
+    tells a client about a file it read."""
+
+    def __init__(self, message: str, check: str = "invalid steer metadata") -> None:
+        super().__init__(message)
+        self.check = check
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,9 @@ class SteerHeader:
             raise SteerFileError(f"max_abs_value must be a positive finite number, got {self.max_abs_value}")
         if self.hidden_size <= 0 or self.rank <= 0:
             raise SteerFileError(f"hidden_size and rank must be positive, got {self.hidden_size}, {self.rank}")
+        if self.fingerprint is not None and (problem := _fingerprint_problem(self.fingerprint, self.hidden_size)):
+            raise SteerFileError(f"the embedding fingerprint is malformed: {problem}",
+                                 "its embedding fingerprint is malformed")
 
     def to_metadata(self) -> dict[str, str]:
         meta = {
@@ -105,9 +115,8 @@ class SteerHeader:
         meta = meta or {}
         if meta.get("format") != FORMAT:
             raise SteerFileError(
-                f"{where}: not a vllm-steer file (metadata 'format' is {meta.get('format')!r}, "
-                f"expected {FORMAT!r}); import a reference checkpoint with `vllm-steer convert`"
-            )
+                f"{where}: not a vllm-steer file (metadata 'format' is {meta.get('format')!r}, expected {FORMAT!r}); "
+                "import a reference checkpoint with `vllm-steer convert`", "it has no vllm-steer metadata")
         try:
             header = cls(
                 dim_names=tuple(json.loads(meta["dim_names"])),
@@ -122,12 +131,13 @@ class SteerHeader:
                 source=meta.get("source"),
                 max_abs_value=float(meta["max_abs_value"]) if "max_abs_value" in meta else None,
             )
+            num_dims = int(meta.get("num_dims", header.num_dims))
         except SteerFileError as e:
-            raise SteerFileError(f"{where}: {e}") from e
-        except (KeyError, ValueError, TypeError) as e:
+            raise SteerFileError(f"{where}: {e}", e.check) from e
+        except (KeyError, ValueError, TypeError, AttributeError, OverflowError) as e:
             raise SteerFileError(f"{where}: malformed metadata ({type(e).__name__}: {e})") from e
-        if int(meta.get("num_dims", header.num_dims)) != header.num_dims:
-            raise SteerFileError(f"{where}: num_dims {meta['num_dims']} != len(dim_names) {header.num_dims}")
+        if num_dims != header.num_dims:
+            raise SteerFileError(f"{where}: num_dims {num_dims} != len(dim_names) {header.num_dims}")
         return header
 
 
@@ -145,13 +155,14 @@ class SteerFile:
         for name in TENSOR_KEYS:
             tensor = getattr(self, name)
             if tuple(tensor.shape) != expected:
-                raise SteerFileError(
-                    f"{name} has shape {tuple(tensor.shape)}, expected [K, D, r] = {list(expected)}"
-                )
+                raise SteerFileError(f"{name} has shape {tuple(tensor.shape)}, expected [K, D, r] = {list(expected)}",
+                                     "the projectors' shapes do not match its metadata")
             if not tensor.is_floating_point():
-                raise SteerFileError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+                raise SteerFileError(f"{name} must be a floating-point tensor, got {tensor.dtype}",
+                                     "the projectors are not floating point")
             if not torch.isfinite(tensor).all():
-                raise SteerFileError(f"{name} contains NaN or infinite values")
+                raise SteerFileError(f"{name} contains NaN or infinite values",
+                                     "the projectors hold NaN or infinite values")
 
     @classmethod
     def create(
@@ -216,37 +227,59 @@ class SteerFile:
         try:
             tensors = safetensors_load(bytes(data))
         except Exception as e:  # safetensors raises its own error types for garbage input
-            raise SteerFileError(f"{where}: not a readable safetensors file ({e})") from e
+            raise SteerFileError(f"{where}: not a readable safetensors file ({e})", NOT_SAFETENSORS) from e
         return cls._checked(header, {k: tensors[k] for k in TENSOR_KEYS if k in tensors}, where)
 
     @classmethod
     def _checked(cls, header: SteerHeader, tensors: dict[str, torch.Tensor], where: str) -> SteerFile:
         missing = [k for k in TENSOR_KEYS if k not in tensors]
         if missing:
-            raise SteerFileError(f"{where}: missing tensors {missing}")
+            raise SteerFileError(f"{where}: missing tensors {missing}", "the projector tensors are missing")
         try:
             return cls(header, **tensors)
         except SteerFileError as e:
-            raise SteerFileError(f"{where}: {e}") from e
+            raise SteerFileError(f"{where}: {e}", e.check) from e
+
+
+def _fingerprint_problem(fingerprint: object, hidden_size: int) -> str | None:
+    """What is wrong with a fingerprint's structure (as `fingerprint.embedding_fingerprint` writes it), or None."""
+    if not isinstance(fingerprint, dict):
+        return f"a {type(fingerprint).__name__}, not an object"
+    for key in ("vocab_size", "hidden_size"):
+        value = fingerprint.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            return f"{key} must be a positive integer"
+    if fingerprint["hidden_size"] != hidden_size:
+        return "its hidden_size is not the steer's"
+    lists = [fingerprint.get(key) for key in ("rows", "norms", "sums")]
+    if not all(isinstance(x, list) for x in lists) or len({len(x) for x in lists}) != 1:
+        return "rows, norms and sums must be lists of one length"
+    rows, norms, sums = lists
+    if not all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < fingerprint["vocab_size"] for r in rows):
+        return "rows must be indices into the vocabulary"
+    if not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in norms + sums):
+        return "norms and sums must be finite numbers"
+    return None
 
 
 def safetensors_metadata(data: bytes, where: str = "steer bytes") -> dict[str, str] | None:
     """The string metadata of a safetensors file held in memory: the file opens with the length
     of its JSON header (8 bytes, little-endian), then that JSON, whose "__metadata__" entry it is."""
     if len(data) < 8:
-        raise SteerFileError(f"{where}: not a readable safetensors file ({len(data)} bytes)")
+        raise SteerFileError(f"{where}: not a readable safetensors file ({len(data)} bytes)", NOT_SAFETENSORS)
     length = int.from_bytes(data[:8], "little")
     if length > len(data) - 8 or length > MAX_HEADER_BYTES:
         raise SteerFileError(f"{where}: not a readable safetensors file (header length {length} for "
-                             f"{len(data)} bytes)")
+                             f"{len(data)} bytes)", NOT_SAFETENSORS)
     try:
         header = json.loads(bytes(data[8: 8 + length]).decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:
-        raise SteerFileError(f"{where}: not a readable safetensors file (header: {e})") from e
+        raise SteerFileError(f"{where}: not a readable safetensors file (header: {e})", NOT_SAFETENSORS) from e
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if metadata is not None and not (isinstance(metadata, dict)
                                      and all(isinstance(v, str) for v in metadata.values())):
-        raise SteerFileError(f"{where}: not a readable safetensors file (its metadata is not a string map)")
+        raise SteerFileError(f"{where}: not a readable safetensors file (its metadata is not a string map)",
+                             NOT_SAFETENSORS)
     return metadata
 
 
@@ -254,12 +287,12 @@ def read_header(path: str | Path) -> SteerHeader:
     """The header alone (reads the safetensors JSON header, not the weights)."""
     path = Path(path)
     if not path.is_file():
-        raise SteerFileError(f"steer file not found: {path}")
+        raise SteerFileError(f"steer file not found: {path}", "no such file")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata()
     except SteerFileError:
         raise
     except Exception as e:  # safetensors raises its own error types for garbage input
-        raise SteerFileError(f"{path}: not a readable safetensors file ({e})") from e
+        raise SteerFileError(f"{path}: not a readable safetensors file ({e})", NOT_SAFETENSORS) from e
     return SteerHeader.from_metadata(meta, where=str(path))

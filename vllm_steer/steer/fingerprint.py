@@ -16,6 +16,9 @@ FINGERPRINT_ROWS = 16
 # bf16 rounding of an fp32 embedding moves a row norm by well under 1%; another model's
 # embedding differs by tens of percent.
 FINGERPRINT_RTOL = 2e-2
+# The refusals' checks, as a server tells a client about a steer the workers refused.
+HIDDEN_SIZE_MISMATCH = "its hidden size is not the model's"
+FINGERPRINT_MISMATCH = "it does not fit this model's output embedding (its embedding fingerprint differs)"
 
 
 def fingerprint_rows(vocab_size: int) -> list[int]:
@@ -65,8 +68,8 @@ def check_fits_model(header: SteerHeader, hidden_size: int, where: str) -> None:
     if header.hidden_size != hidden_size:
         raise SteerFileError(
             f"{where}: steer hidden size D={header.hidden_size} does not match the model's {hidden_size}"
-            + (f" (the steer was made for {header.base_model})" if header.base_model else "")
-        )
+            + (f" (the steer was made for {header.base_model})" if header.base_model else ""),
+            HIDDEN_SIZE_MISMATCH)
     if header.fingerprint is None:
         warnings.warn(
             f"{where}: the steer file has no embedding fingerprint, so it cannot be checked against "
