@@ -187,10 +187,13 @@ def test_malformed_request(servers, baseline, case: Case):
 # ---------------------------------------------------------------------------- property-based
 
 
-def served_catalog(server) -> tuple[dict, dict[str, float]]:
-    """The steers the server serves now (GET /v1/steers): headers and bounds, for the model."""
+def served_catalog(server, paths: dict[str, str]) -> tuple[dict, dict[str, float]]:
+    """The steers the server serves now (GET /v1/steers, which shows no paths): headers read from the files
+    the session started it with (`paths`), and bounds, for the model."""
     listing = httpx.get(server.url + "/steers", timeout=30).json()["data"]
-    catalog = {s["name"]: SteerFile.load(s["path"]).header for s in listing}
+    assert {s["name"] for s in listing} <= paths.keys(), "a steer loaded at run time was left loaded"
+    catalog = {s["name"]: SteerFile.load(paths[s["name"]]).header for s in listing}
+    assert {n: list(h.dim_names) for n, h in catalog.items()} == {s["name"]: s["dim_names"] for s in listing}
     return catalog, {s["name"]: s["max_abs_value"] for s in listing}
 
 
@@ -229,12 +232,12 @@ xargs_dicts = st.dictionaries(keys, values, max_size=4)
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(xargs=xargs_dicts)
-def test_arbitrary_vllm_xargs(servers, xargs):
+def test_arbitrary_vllm_xargs(servers, steer_paths, xargs):
     """Every answer is a 200 or a 400 (never a 500, never a hang: 120 s timeout); a 400 carries
     a message; a 200 only for a request that is valid (vLLM's model of vllm_xargs, then
     parse_steer_args), and every valid request is a 200."""
     server = servers["steer"]
-    catalog, bounds = served_catalog(server)
+    catalog, bounds = served_catalog(server, steer_paths)
     valid = accepted_by_vllm(xargs)
     if valid:
         try:
