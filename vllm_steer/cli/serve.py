@@ -13,13 +13,14 @@ from vllm_steer.serving.config import (
     DEFAULT_MAX_LOAD_BYTES,
     DEFAULT_MAX_STEERS_PER_REQUEST,
     NAME_PATTERN,
+    PLAYGROUND_ENV,
     RUNTIME_UPDATES_ENV,
     SteerConfig,
     resolved_roots,
     steer_set_digest,
 )
 
-from .arguments import byte_size, name_value_pairs, steers_in_folder
+from .arguments import byte_size, name_value_pairs, preset_specs, steers_in_folder
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -43,6 +44,11 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
                    help="largest |steer value| a request may ask for (default %(default)s)")
     p.add_argument("--steer-bound", action="append", default=[], metavar="NAME=BOUND",
                    help="a bound for one steer, overriding the file's and --max-abs-value")
+    p.add_argument("--steer-preset", action="append", default=[], metavar="NAME=STEER:VALUE[,STEER:VALUE...]",
+                   help="serve a preset as a model: requests whose model is NAME are steered with these values "
+                        "(a VALUE is a number or a K-list as in vllm_xargs, e.g. detox:[5,1]); repeatable")
+    p.add_argument("--steer-playground", action="store_true",
+                   help="serve the playground page at /playground (behind --api-key like the rest)")
     p.add_argument("--steer-endpoints", action="store_true", help="serve GET /v1/steers (lists the loaded steers)")
     p.add_argument("--allow-runtime-updates", action="store_true",
                    help="also serve POST /v1/load_steer and /v1/unload_steer (implies --steer-endpoints)")
@@ -70,7 +76,7 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     config = SteerConfig(steers=steers, bounds=name_value_pairs(args.steer_bound, "--steer-bound", "NAME=BOUND", float),
                          max_abs_value=args.max_abs_value, max_steers_per_request=args.max_steers_per_request,
                          memory_budget=args.steer_memory_budget, max_load_bytes=args.max_load_size,
-                         load_dirs=resolved_roots(args.steer_load_dir))
+                         load_dirs=resolved_roots(args.steer_load_dir), presets=preset_specs(args.steer_preset))
     # Fail here, in a second, rather than after the engine starts.
     loaded = config.read_files()
     bounds = config.bounds_for({name: steer.header for name, (steer, _) in loaded.items()})
@@ -82,12 +88,20 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     print(f"vllm-steer: {len(config.steers)} steers, {total / 2**20:.1f} MiB in their files; steer set "
           f"{digest[:16]} (every worker checks that it loaded this set)", file=sys.stderr)
     namespace = parse_vllm_args(args.model, vllm_args)  # once, by vLLM's own parser
+    if config.presets:  # every preset servable, before vLLM starts
+        from vllm_steer.serving.front_end import AdmittedSteers
+        from vllm_steer.serving.presets import check_presets, served_names
+
+        headers = {name: steer.header for name, (steer, _) in loaded.items()}
+        check_presets(AdmittedSteers(replace(config, headers=headers)), *served_names(namespace))
     plan = plan_launch(namespace, vllm_args, digest, args.allow_runtime_updates)
     config.export()
-    if args.steer_endpoints or args.allow_runtime_updates:
+    if args.steer_endpoints or args.allow_runtime_updates or config.presets or args.steer_playground:
         os.environ["VLLM_PLUGINS"] = plugins_allowlist_with_steer_endpoints(os.environ.get("VLLM_PLUGINS"))
     if args.allow_runtime_updates:
         os.environ[RUNTIME_UPDATES_ENV] = "1"
+    if args.steer_playground:
+        os.environ[PLAYGROUND_ENV] = "1"
     ray_line = prepare_environment()
     for note in [*plan.notes, *([ray_line] if plan.uses_ray else [])]:
         print(note, file=sys.stderr)

@@ -19,8 +19,10 @@ from vllm_steer.steer.file import SteerFile, SteerFileError, SteerHeader, read_h
 ENV_VAR = "VLLM_STEER_CONFIG"
 # Opt-in for POST /v1/load_steer and /v1/unload_steer, as vLLM gates runtime LoRA updates.
 RUNTIME_UPDATES_ENV = "VLLM_STEER_ALLOW_RUNTIME_UPDATES"
+# Opt-in for the playground page at /playground.
+PLAYGROUND_ENV = "VLLM_STEER_PLAYGROUND"
 # Every variable a vLLM process of a steered server reads (VLLM_PLUGINS: the opt-in for the routes).
-STEER_ENV_VARS = (ENV_VAR, RUNTIME_UPDATES_ENV, "VLLM_PLUGINS")
+STEER_ENV_VARS = (ENV_VAR, RUNTIME_UPDATES_ENV, PLAYGROUND_ENV, "VLLM_PLUGINS")
 # vLLM's Ray executors copy the names listed here to their workers on every node, in addition to
 # what they copy by prefix (comma-separated; the operator's own entries are kept).
 RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
@@ -29,6 +31,8 @@ RAY_COPY_ENV = "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY"
 ADDITIONAL_CONFIG_KEY = "vllm_steer"
 DIGEST_KEY = "steer_set_sha256"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_]*$")
+# A preset is served as a model: the characters model names use.
+PRESET_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 DEFAULT_MAX_ABS_VALUE = 50.0
 DEFAULT_MAX_STEERS_PER_REQUEST = 4
 # The largest steer file a runtime load accepts: its bytes travel to every worker (a rank-D
@@ -48,7 +52,8 @@ class SteerConfig:
     max_steers_per_request: how many steers one request may compose; memory_budget: the most
     bytes the loaded steers may take where they are served (None: no limit); max_load_bytes: the
     largest steer file a runtime load accepts; load_dirs: the folders runtime loads may name paths in (none:
-    runtime loads take uploads only). headers: the steers' headers where they have been read
+    runtime loads take uploads only); presets: name -> {steer: value} (a number or K values, as in vllm_xargs),
+    each served as a model. headers: the steers' headers where they have been read
     (`with_headers`: the front end, which validates requests against them; workers take theirs from
     the weights they load); not part of the configuration that travels."""
 
@@ -59,6 +64,7 @@ class SteerConfig:
     memory_budget: int | None = None
     max_load_bytes: int = DEFAULT_MAX_LOAD_BYTES
     load_dirs: tuple[str, ...] = ()
+    presets: dict[str, dict[str, float | list[float]]] = field(default_factory=dict)
     headers: dict[str, SteerHeader] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +83,11 @@ class SteerConfig:
             raise ValueError(f"max_steers_per_request must be a positive integer, got {self.max_steers_per_request}")
         if self.memory_budget is not None and not (isinstance(self.memory_budget, int) and self.memory_budget > 0):
             raise ValueError(f"the steer memory budget must be a positive number of bytes, got {self.memory_budget}")
+        for name, values in self.presets.items():
+            if not (isinstance(name, str) and PRESET_NAME_PATTERN.match(name)):
+                raise ValueError(f"preset name {name!r} must be letters, digits, '.', '_' and '-' (a model name)")
+            if not (isinstance(values, dict) and values):
+                raise ValueError(f"preset {name!r} names no steers")
         if not (isinstance(self.max_load_bytes, int) and self.max_load_bytes > 0):
             raise ValueError(f"the largest steer file to load must be a positive number of bytes, "
                              f"got {self.max_load_bytes}")
@@ -114,6 +125,15 @@ class SteerConfig:
         headers = {**self.headers, **({name: header} if header is not None else {})}
         return replace(self, steers={**self.steers, name: path}, bounds=bounds, headers=headers)
 
+    def with_preset(self, name: str, values: dict[str, float | list[float]]) -> SteerConfig:
+        """This set plus the preset `name` (replacing one of that name)."""
+        return replace(self, presets={**self.presets, name: dict(values)})
+
+    def without_preset(self, name: str) -> SteerConfig:
+        if name not in self.presets:
+            raise KeyError(name)
+        return replace(self, presets={n: v for n, v in self.presets.items() if n != name})
+
     def without_steer(self, name: str) -> SteerConfig:
         if name not in self.steers:
             raise KeyError(name)
@@ -125,7 +145,7 @@ class SteerConfig:
         return json.dumps({"steers": self.steers, "max_abs_value": self.max_abs_value, "bounds": self.bounds,
                            "max_steers_per_request": self.max_steers_per_request,
                            "memory_budget": self.memory_budget, "max_load_bytes": self.max_load_bytes,
-                           "load_dirs": list(self.load_dirs)})
+                           "load_dirs": list(self.load_dirs), "presets": self.presets})
 
     @classmethod
     def from_json(cls, text: str) -> SteerConfig:
@@ -137,7 +157,8 @@ class SteerConfig:
                        max_steers_per_request=int(data.get("max_steers_per_request", DEFAULT_MAX_STEERS_PER_REQUEST)),
                        memory_budget=data.get("memory_budget"),
                        max_load_bytes=int(data.get("max_load_bytes", DEFAULT_MAX_LOAD_BYTES)),
-                       load_dirs=tuple(str(d) for d in data.get("load_dirs", ())))
+                       load_dirs=tuple(str(d) for d in data.get("load_dirs", ())),
+                       presets={str(n): dict(v) for n, v in data.get("presets", {}).items()})
         except (ValueError, TypeError, AttributeError) as e:
             raise ValueError(f"{ENV_VAR} is not valid steer configuration JSON: {e}") from e
 
@@ -222,6 +243,10 @@ def ray_env_vars_to_copy(current: str | None) -> str:
 
 def runtime_updates_allowed() -> bool:
     return os.environ.get(RUNTIME_UPDATES_ENV, "").lower() in ("1", "true")
+
+
+def playground_served() -> bool:
+    return os.environ.get(PLAYGROUND_ENV, "").lower() in ("1", "true")
 
 
 def resolved_roots(folders: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from vllm_steer.steer.file import SteerHeader
-from vllm_steer.steer.values import parse_steer_args
+from vllm_steer.steer.values import STEER_KEY_PREFIX, SteerRequestError, parse_steer_args
 
 from .config import ENV_VAR, SteerConfig
 
@@ -30,6 +30,18 @@ class AdmittedSteers:
     def parse(self, extra_args: dict | None) -> dict[str, list[float]]:
         """A request's steers as {name: its K values}; SteerRequestError naming the problem otherwise."""
         return parse_steer_args(extra_args, self.catalog, self.bounds, self.config.max_steers_per_request)
+
+    def preset_xargs(self, name: str, values: dict[str, float | list[float]] | None = None) -> dict:
+        """The vllm_xargs the preset `name` stands for (its own values, or `values` for one being added),
+        checked like any request's: SteerRequestError naming the preset and the problem otherwise (a steer
+        that is not loaded: the preset is refused, never served unsteered)."""
+        values = self.config.presets[name] if values is None else values
+        xargs = {STEER_KEY_PREFIX + steer: value for steer, value in values.items()}
+        try:
+            self.parse(xargs)
+        except SteerRequestError as e:
+            raise SteerRequestError(f"preset {name!r}: {e}", f"preset_{e.reason}") from e
+        return xargs
 
 
 _admitted: AdmittedSteers | None = None

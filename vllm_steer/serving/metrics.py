@@ -16,6 +16,8 @@ class SteerMetrics:
                                 buckets=(-20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20))
         self.rejected = Counter("vllm_steer_rejected", "Requests refused for their steer values, by reason",
                                 ["reason"])
+        self.preset_requests = Counter("vllm_steer_preset_requests", "Admitted requests for a steer preset, by preset",
+                                       ["preset"])
 
 
 METRICS = SteerMetrics()

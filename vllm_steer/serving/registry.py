@@ -12,26 +12,32 @@ naming an unloaded steer before the workers drop it."""
 from __future__ import annotations
 
 import asyncio
+import hmac
 import os
 import re
 import uuid
+from importlib import resources
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from pydantic import BaseModel
 
 from vllm_steer.log import logger
 from vllm_steer.steer.file import SteerFileError
 from vllm_steer.steer.fingerprint import check_fits_model
+from vllm_steer.steer.values import SteerRequestError
+from vllm_steer.tools.keywords import is_readable_word
 
-from .config import UPLOADED, SteerConfig, resolved_roots, runtime_updates_allowed
+from .config import UPLOADED, SteerConfig, playground_served, resolved_roots, runtime_updates_allowed
 from .front_end import admit, admitted
 from .load_sources import LoadRefused, LoadSource, parse_steer, read_path, read_upload
+from .presets import PresetRequests, check_presets, model_cards, preset_clash, served_names
 from .scale_out import runtime_updates_refusal
-from .vllm_internals import check_internals
+from .vllm_internals import check_internals, steers_configured
 from .worker import REFUSAL_TAG, RPC_PREFIX
 
 _REGISTRY_LOCK = asyncio.Lock()
+PLAYGROUND_HTML = (resources.files(__package__) / "playground.html").read_text()
 _TAG = re.compile(re.escape(REFUSAL_TAG).replace(re.escape("{}"), "(.+?)"))
 
 
@@ -76,6 +82,13 @@ class UnloadSteerRequest(BaseModel):
     name: str
 
 
+class PresetRequest(BaseModel):
+    """A preset to add at run time: its name (a model name) and its steers' values, as in vllm_xargs."""
+
+    name: str
+    steers: dict[str, float | list[float]]
+
+
 class SteerEndpoints:
     """The `vllm.endpoint_plugins` entry point (loaded only when VLLM_PLUGINS names
     vllm_steer): GET /v1/steers always; POST /v1/load_steer and /v1/unload_steer only with
@@ -97,6 +110,43 @@ class SteerEndpoints:
         async def list_steers() -> dict:
             steers = admitted()
             return {"object": "list", "data": describe_steers(steers.config, steers.bounds)}
+
+        @router.get("/v1/models")  # vLLM's listing, with the presets (replaces vLLM's route)
+        async def list_models(raw: Request) -> JSONResponse:
+            models = (await raw.app.state.openai_serving_models.show_available_models()).model_dump()
+            models["data"].extend(model_cards(raw.app.state.vllm_steer_served_models[0]))
+            return JSONResponse(models)
+
+        @router.get("/v1/steer_presets")
+        async def list_presets() -> dict:
+            return {"object": "list", "data": [{"name": name, "steers": values}
+                                               for name, values in admitted().config.presets.items()]}
+
+        @router.get("/v1/steer_keywords")
+        async def steer_keywords(raw: Request, steer: str, top: int = 12):
+            if steer not in admitted().config.steers:
+                return error(404, f"no steer named {steer!r} is loaded")
+            top = max(1, min(top, 100))
+            try:
+                return await keywords(raw.app.state.vllm_steer_engine, raw.app.state.vllm_steer_tokenizer, steer, top)
+            except Exception as e:  # unloaded meanwhile, or an LM head the workers cannot read
+                logger.warning("vllm-steer: keywords of %r: %s", steer, e)
+                return error(400, f"no keywords for steer {steer!r}: {type(e).__name__}")
+
+        if playground_served():
+
+            @router.get("/playground")
+            async def playground(raw: Request, key: str | None = None):
+                # A browser cannot send the API key's header when it opens a page: the key comes in the address
+                # (?key=...), and the page sends it on with every API call, which vLLM checks as ever.
+                tokens = api_keys(app.state.args)
+                if tokens and not any(hmac.compare_digest((key or "").encode(), t.encode()) for t in tokens):
+                    return HTMLResponse("<!doctype html><title>vllm-steer playground</title><p>This server needs its "
+                                        "API key: open /playground?key=YOUR_API_KEY.</p>", status_code=401)
+                return HTMLResponse(PLAYGROUND_HTML)
+
+        if steers_configured():  # presets need the steers; without any, vLLM runs as if this were not here
+            app.add_middleware(PresetRequests, base_model=lambda: app.state.vllm_steer_served_models[0])
 
         if runtime_updates_allowed():
 
@@ -156,6 +206,36 @@ class SteerEndpoints:
                                           f"its weights ({e}); they keep serving it to requests admitted before")
                     return {"unloaded": body.name, "steers": list(new.steers)}
 
+            @router.post("/v1/load_preset")
+            async def load_preset(body: PresetRequest, raw: Request):
+                async with _REGISTRY_LOCK:  # presets live in the front end: no worker needs them
+                    current = admitted()
+                    if body.name in current.config.presets:
+                        return error(400, f"a preset named {body.name!r} exists; unload it first")
+                    state = raw.app.state
+                    clash = preset_clash(body.name, state.vllm_steer_served_models, state.vllm_steer_lora_modules)
+                    try:
+                        if clash:
+                            raise ValueError(clash)
+                        new = current.config.with_preset(body.name, body.steers)
+                        current.preset_xargs(body.name, body.steers)
+                    except SteerRequestError as e:  # it names the preset
+                        return error(400, f"cannot add {e}")
+                    except ValueError as e:
+                        return error(400, f"cannot add preset {body.name!r}: {e}")
+                    admit(new)
+                    return {"loaded_preset": body.name, "presets": list(new.presets)}
+
+            @router.post("/v1/unload_preset")
+            async def unload_preset(body: UnloadSteerRequest):
+                async with _REGISTRY_LOCK:
+                    current = admitted().config
+                    if body.name not in current.presets:
+                        return error(404, f"no preset named {body.name!r}")
+                    new = current.without_preset(body.name)
+                    admit(new)
+                    return {"unloaded_preset": body.name, "presets": list(new.presets)}
+
         app.include_router(router)
 
     async def init_state(self, engine_client, state, args) -> None:
@@ -164,6 +244,9 @@ class SteerEndpoints:
             raise ValueError(f"vllm-steer: {refusal}")
         state.vllm_steer_engine = engine_client
         state.vllm_steer_hidden_size = engine_client.vllm_config.model_config.get_hidden_size()
+        state.vllm_steer_tokenizer = engine_client.get_tokenizer()
+        state.vllm_steer_served_models, state.vllm_steer_lora_modules = served_names(args)
+        check_presets(admitted(), *served_names(args))  # a bad preset stops start-up, naming it
 
 
 async def _load_source(request: Request, config: SteerConfig) -> LoadSource:
@@ -182,6 +265,45 @@ async def _load_source(request: Request, config: SteerConfig) -> LoadSource:
     config.with_steer(body.name, UPLOADED, None, body.max_abs_value)
     data = await read_path(body.path, resolved_roots(config.load_dirs), config.max_load_bytes)
     return LoadSource(body.name, data, os.path.realpath(body.path), body.max_abs_value)
+
+
+# Candidate tokens each worker sends per side; the front end keeps the readable words among them.
+KEYWORD_CANDIDATES = 300
+
+
+async def keywords(engine, tokenizer, name: str, top: int) -> dict:
+    """The words steer `name`'s primary direction promotes and suppresses on the served model: each worker's
+    candidates from its vocabulary shard (`WorkerSteering.keywords`), merged, the direction's sign fixed by the
+    mean output-embedding row (so that promoted words are the ones +1 raises), decoded with the server's
+    tokenizer, readable words only."""
+    parts = [r for r in await engine.collective_rpc(RPC_PREFIX + "keywords", args=(name, KEYWORD_CANDIDATES))
+             if isinstance(r, dict) and "top" in r]
+    if not parts:
+        raise RuntimeError("no worker holds the LM head")
+    sign = 1.0 if sum(p["context"] for p in parts) >= 0 else -1.0
+    raised, lowered = ("top", "bottom") if sign > 0 else ("bottom", "top")
+
+    def words(side: str) -> list[dict]:
+        candidates = sorted({tid: score for p in parts for tid, score in p[side]}.items(), key=lambda c: -abs(c[1]))
+        pieces = [(tid, score, tokenizer.decode([tid])) for tid, score in candidates]
+        spaced = sum(piece.startswith(" ") for _, _, piece in pieces) > 0.1 * max(len(pieces), 1)
+        out, seen = [], set()
+        for tid, score, piece in pieces:
+            word = piece.strip()
+            if is_readable_word(piece, spaced) and word.lower() not in seen:
+                seen.add(word.lower())
+                out.append({"word": word, "token_id": tid, "score": round(sign * score, 4)})
+            if len(out) == top:
+                break
+        return out
+
+    header = admitted().catalog[name]
+    return {"steer": name, "dim": header.primary_dim, "promoted": words(raised), "suppressed": words(lowered)}
+
+
+def api_keys(args) -> list[str]:
+    """The API keys vLLM's server requires, as vLLM reads them (--api-key, else VLLM_API_KEY)."""
+    return [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
 
 
 def worker_refusal(error: BaseException) -> str:

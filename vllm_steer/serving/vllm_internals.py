@@ -24,6 +24,7 @@ SUPPORTED_VLLM = ("0.32", "0.33")
 # One table, no fallbacks: an unknown version never guesses a home.
 MOVED: dict[str, dict[str, str]] = {
     "make_arg_parser": {"0.32": "vllm.entrypoints.launchers.cli_args", "0.33": "vllm.entrypoints.common.cli_args"},
+    "FrontendArgs": {"0.32": "vllm.entrypoints.launchers.cli_args", "0.33": "vllm.entrypoints.common.cli_args"},
     "cli_env_setup": {"0.32": "vllm.entrypoints.serve.utils.api_utils", "0.33": "vllm.entrypoints.common.startup"},
 }
 
@@ -169,6 +170,13 @@ INTERNALS: dict[str, tuple[Internal, ...]] = {
                  params=("self", "method", "timeout", "args", "kwargs")),
         Internal("vllm.plugins.endpoint_plugins.interface:EndpointPlugin", "SteerEndpoints implements it",
                  fields=("attach_router", "init_state", "name", "required_tasks")),
+        Internal("vllm.v1.engine.async_llm:AsyncLLM.get_tokenizer", "decodes a steer's keywords", params=("self",)),
+        Internal("vllm.entrypoints.openai.models.serving:OpenAIServingModels.show_available_models",
+                 "GET /v1/models lists vLLM's models, then the presets", params=("self",)),
+        Internal("FrontendArgs", "presets must not hide a LoRA module; the playground needs the API key",
+                 fields=("lora_modules", "api_key")),
+        Internal("vllm.engine.arg_utils:EngineArgs", "presets must not hide the served model",
+                 fields=("model", "served_model_name")),
         Internal("vllm.plugins:DEFAULT_PLUGINS_GROUP", "the entry-point group of register_plugin"),
         Internal("vllm.plugins:ENDPOINT_PLUGINS_GROUP", "the entry-point group of SteerEndpoints"),
     ),

@@ -25,7 +25,7 @@ from .table import SteerTable
 
 # The worker methods collective_rpc names for the runtime registry (installed on vLLM's WorkerBase).
 RPC_PREFIX = "vllm_steer_"
-RPC_METHODS = ("prepare", "commit", "discard")
+RPC_METHODS = ("prepare", "commit", "discard", "keywords")
 # A runtime load's refusal in a worker names the check that failed in this tag: the front end tells the client
 # that and nothing else of the message (which may quote the file).
 REFUSAL_TAG = "[vllm-steer check: {}]"
@@ -174,6 +174,28 @@ class WorkerSteering:
         """Drop a prepared table (another worker refused it). Idempotent."""
         if self._prepared is not None and self._prepared[0] == token:
             self._prepared = None
+
+    def keywords(self, name: str, candidates: int) -> dict:
+        """The tokens of this rank's vocabulary shard whose output embedding projects most and least on the primary
+        direction of steer `name` (`SteerBank.primary_direction`), `candidates` of each as (token id, projection),
+        and the shard's rows summed, projected on u (the front end fixes the direction's sign with the mean
+        embedding row over every shard, so that "promoted" means what +1 raises)."""
+        if self.table is None:
+            return {"stage": self.idle_stage}
+        if name not in self.table.bank.index:
+            raise KeyError(f"no steer named {name!r} is loaded in this worker")
+        weight = getattr(self.lm_head, "weight", None)
+        shard = getattr(self.lm_head, "shard_indices", None)
+        if weight is None or shard is None:
+            raise RuntimeError("vllm-steer: the LM head is not a plain [V, D] weight: no keywords")
+        u, _, v = self.table.bank.primary_direction(name)
+        rows = weight[: shard.num_org_elements]
+        proj = (rows.float() @ v.to(rows.device, torch.float32)).cpu()
+        top, bottom = proj.topk(min(candidates, len(proj))), (-proj).topk(min(candidates, len(proj)))
+        first = shard.org_vocab_start_index
+        return {"top": [(first + int(i), float(s)) for s, i in zip(top.values, top.indices, strict=True)],
+                "bottom": [(first + int(i), -float(s)) for s, i in zip(bottom.values, bottom.indices, strict=True)],
+                "context": float(rows.float().sum(0).cpu().double() @ u)}
 
     # -- checks
     def check_fingerprints(self, headers: dict[str, SteerHeader], sources: dict[str, str]) -> None:

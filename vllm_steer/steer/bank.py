@@ -160,6 +160,23 @@ class SteerBank:
             return sum(t.numel() * t.element_size() for t in (self.down, self.up))
         return sum(t.numel() * t.element_size() for t in self.weights(name) if t is not None)
 
+    def primary_direction(self, name: str) -> tuple[torch.Tensor, float, torch.Tensor]:
+        """(u, sigma, v) of the primary dim's W = P1 P2^T's top singular triplet, in float64 on the CPU: steering
+        +1 on the dim moves token x's logit by about eps * sigma (h . u)(v . e_x). From the factors by two QRs
+        (an SVD of r x r), or from W itself where the bank stores it dense."""
+        header = self.headers[name]
+        k = header.primary_index
+        e = self.entries[self.index[name]]
+        down, up = (t.double().cpu() if t is not None else None for t in self.weights(name))
+        block = down[:, k * e.rank:(k + 1) * e.rank]
+        if up is None:  # dense: the block is W_k itself
+            u, s, vh = torch.linalg.svd(block)
+            return u[:, 0], float(s[0]), vh[0]
+        q1, r1 = torch.linalg.qr(block)  # P1_k = Q1 R1
+        q2, r2 = torch.linalg.qr(up[k * e.rank:(k + 1) * e.rank].T)  # P2_k = Q2 R2
+        u, s, vh = torch.linalg.svd(r1 @ r2.T)  # W = Q1 (R1 R2^T) Q2^T
+        return q1 @ u[:, 0], float(s[0]), q2 @ vh[0]
+
     @property
     def total_rank(self) -> int:
         return sum(e.width for e in self.entries)
