@@ -17,6 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
+from helpers import SHIPPED_STEERS
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -237,7 +238,7 @@ def test_arbitrary_vllm_xargs(servers, steer_paths, xargs):
     a message; a 200 only for a request that is valid (vLLM's model of vllm_xargs, then
     parse_steer_args), and every valid request is a 200."""
     server = servers["steer"]
-    catalog, bounds = served_catalog(server, steer_paths)
+    catalog, bounds = served_catalog(server, {**steer_paths, **SHIPPED_STEERS})
     valid = accepted_by_vllm(xargs)
     if valid:
         try:

@@ -125,7 +125,7 @@ def test_presets_added_and_removed_at_run_time_and_refused_once_their_steer_is_g
 
 @pytest.mark.parametrize("preset, message", [
     ("calm=nope:5", "preset 'calm': unknown steer 'nope'"),
-    ("calm=alpha:500", "preset 'calm': steer_alpha = 500.0 is beyond the allowed range"),
+    ("calm=alpha:500", "preset 'calm': steer_alpha = 500 is beyond the allowed range"),
     ("calm=alpha:[1,2,3]", "preset 'calm': steer_alpha expects a number or a list of 2 numbers"),
     ("MODEL=alpha:1", "has the name of the served model"),
     ("adapter=alpha:1", "has the name of a LoRA module"),
@@ -134,9 +134,9 @@ def test_presets_added_and_removed_at_run_time_and_refused_once_their_steer_is_g
 ])
 def test_a_preset_that_cannot_be_served_stops_start_up_naming_it(preset, message, steer_paths, model_dir, capsys):
     """Before vLLM starts (vllm-steer serve reads the steers and vLLM's arguments first)."""
-    spec = preset.replace("MODEL", str(model_dir))
     with pytest.raises(SystemExit) as exit_info:
-        cli_main(["serve", str(model_dir), "--steer", f"alpha={steer_paths['alpha']}", "--steer-preset", spec,
-                  "--lora-modules", f"adapter={model_dir}", "--dtype", "float32"])
+        cli_main(["serve", str(model_dir), "--served-model-name", "smol", "--steer", f"alpha={steer_paths['alpha']}",
+                  "--steer-preset", preset.replace("MODEL", "smol"), "--lora-modules", f"adapter={model_dir}",
+                  "--dtype", "float32"])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
