@@ -1,8 +1,9 @@
 """The playground page in a real browser (Debian's headless Chromium through selenium and chromedriver) against
 the session's steer server: it lists every served steer with its keywords (the words /v1/steer_keywords
-answers), a preset sets its sliders, the steered column streams exactly what the API answers for the same
-values and differs from the unsteered column beside it, a sweep shows one column per value, and a value out
-of range shows the server's 400 message in its column while the other column still streams.
+answers), a preset sets its sliders, a slider moved by keyboard sets its value, the steered column streams
+exactly what the API answers for the same values and differs from the unsteered column beside it, a sweep
+shows one column per value, and a value out of range shows the server's 400 message in its column while the
+other column still streams.
 
 Set VLLM_STEER_PLAYGROUND_SCREENSHOT=path to save the page after a generation (docs/playground.png is one)."""
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import httpx
 from helpers import PRESETS, client, open_playground, text_of
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 PROMPT = "The movie I watched last night was"
@@ -65,8 +67,8 @@ def test_the_steered_column_is_what_the_api_answers(browser, servers):
     set_field(browser, "max-tokens", MAX_TOKENS)
     Select(browser.find_element(By.ID, "preset")).select_by_value("alpha-strong")
     assert browser.find_element(By.ID, "value-alpha").get_attribute("value") == "5"
-    set_field(browser, "value-sentiment", 4)
-    assert browser.find_element(By.ID, "slider-sentiment").get_attribute("value") == "4"
+    browser.find_element(By.ID, "slider-sentiment").send_keys(Keys.ARROW_RIGHT * 8)  # the slider, 8 steps of 0.5
+    assert browser.find_element(By.ID, "value-sentiment").get_attribute("value") == "4"
     generate(browser, "generate")
     steered, unsteered = text_of(browser, "out-steered"), text_of(browser, "out-unsteered")
     assert steered == api_text(s, {"steer_alpha": 5, "steer_sentiment": 4})
