@@ -36,17 +36,31 @@ from helpers import (  # noqa: E402
     load_dir_args,
     random_steer,
 )
+from reference_writers import converted_reference_steers  # noqa: E402
 
 from vllm_steer import (  # noqa: E402
     SteerFile,
     embedding_fingerprint,  # noqa: E402
 )
+from vllm_steer.launch.cpu_kv_cache import KV_SPACE_ENV  # noqa: E402
 from vllm_steer.testing import (  # noqa: E402
     ServerProcess,
     plain_server_command,
     steer_server_command,
 )
 from vllm_steer.tools.default_model import default_model_dir, default_output_embedding  # noqa: E402
+
+# The fixtures that start vLLM (servers, engines, refused start-ups), a browser, a wheel's venv or the kernel
+# compiler: a test that uses one, directly or through another fixture, is marked `slow`.
+# `scripts/test.sh -m "not slow"` runs the others (the quick subset, for development); CI runs everything.
+SLOW_FIXTURES = frozenset({"servers", "engines", "tp2_tiny", "pp", "dp_and_api2", "lora", "many", "keyed", "refused",
+                           "browser", "wheel_venv", "compiled", "offline_runs", "reported_version"})
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    for item in items:
+        if SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")
@@ -85,6 +99,14 @@ def steer_paths(tmp_path_factory, output_embedding) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def reference_steers(tmp_path_factory, model_dir, output_embedding):
+    """Reference checkpoints converted for the default model (tests/reference_writers.py): ({name: served file},
+    {name: the formula's SteerFile}, their folder). The session's steer server serves them."""
+    folder = tmp_path_factory.mktemp("reference")
+    return (*converted_reference_steers(folder, model_dir, output_embedding.shape[1]), folder)
+
+
+@pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory, model_dir) -> tuple[Path, torch.nn.Module, SteerFile, Path]:
     """A random 2-layer Llama (4 heads of 64, 2 KV heads: it splits over 2 ranks and 2 pipeline
     stages) with the default model's tokenizer, saved as a real checkpoint so HF can recompute the
@@ -113,13 +135,22 @@ def tiny_model(tmp_path_factory, model_dir) -> tuple[Path, torch.nn.Module, Stee
 
 
 @pytest.fixture(scope="session")
-def servers(model_dir, steer_paths, tmp_path_factory):
+def served_steer_paths(steer_paths, reference_steers) -> dict[str, str]:
+    """Every steer the session's steer server starts with: the suite's random steers, the shipped ones and the
+    converted reference checkpoints."""
+    return {**steer_paths, **SHIPPED_STEERS, **reference_steers[0]}
+
+
+@pytest.fixture(scope="session")
+def servers(model_dir, served_steer_paths, tmp_path_factory):
     """The vllm-steer server and, for comparison, plain vLLM without the plugin; started
-    side by side to share the start-up wait."""
+    side by side to share the start-up wait. The steer server serves `served_steer_paths` and sizes its
+    own KV cache (no VLLM_CPU_KVCACHE_SPACE: test_reference_serving.py checks the size it chose)."""
     logs = tmp_path_factory.mktemp("logs")
-    steer = ServerProcess(steer_server_command(str(model_dir), {**steer_paths, **SHIPPED_STEERS}, *STEER_SERVER_ARGS,
+    steer = ServerProcess(steer_server_command(str(model_dir), served_steer_paths, *STEER_SERVER_ARGS,
                                                *load_dir_args(tmp_path_factory), *ENGINE_ARGS),
-                          logs / "steer_server.log", env=SERVER_ENV)
+                          logs / "steer_server.log")
+    steer.env.pop(KV_SPACE_ENV, None)
     plain = ServerProcess(plain_server_command(str(model_dir), *ENGINE_ARGS), logs / "plain_server.log",
                           env={**SERVER_ENV, "VLLM_PLUGINS": ""})
     steer.start()

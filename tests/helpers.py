@@ -19,9 +19,13 @@ from vllm_steer import SteerFile, testing
 from vllm_steer.testing import CPU_SERVER_ARGS
 
 # Prefix caching and chunked prefill on, with a token budget small enough that the long
-# prompt in the isolation test is prefilled in several chunks.
-ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-caching", "--enable-chunked-prefill",
-               "--max-num-batched-tokens", "128", "--seed", "0"]
+# prompt in the isolation test is prefilled in several chunks. COMPILED_ENGINE_ARGS keep vLLM's default
+# torch.compile of the model (the LoRA servers run it: vLLM's default mode, steered and plain); the
+# others run eager, which starts in a fraction of the time. Compilation covers the backbone only: the
+# steer acts in the logits layer, outside the compiled graph, in either mode.
+COMPILED_ENGINE_ARGS = [*CPU_SERVER_ARGS, "--max-num-seqs", "32", "--enable-prefix-caching",
+                        "--enable-chunked-prefill", "--max-num-batched-tokens", "128", "--seed", "0"]
+ENGINE_ARGS = [*COMPILED_ENGINE_ARGS, "--enforce-eager"]
 SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 # The session's steer server also runs the runtime registry, bounds beta more tightly, serves two presets as
 # models and the playground page, and loads the shipped steers beside the suite's random ones.
@@ -188,3 +192,22 @@ def open_playground(browser, server, key: str | None = None) -> None:
 def text_of(browser, element_id: str) -> str:
     """The text of the page's element `element_id`, as the page wrote it."""
     return browser.execute_script("return document.getElementById(arguments[0]).textContent", element_id)
+
+
+# ---------------------------------------------------------------------------- refusals by vllm-steer serve itself
+
+
+def refused_by_cli(argv: list[str], capsys, monkeypatch) -> str:
+    """`vllm-steer ARGV` run in this process, which must refuse with exit status 2 before vLLM starts (starting
+    it fails the test): what it wrote to stderr."""
+    from vllm_steer.cli import main, serve
+
+    def no_launch(*_args, **_kwargs):
+        raise AssertionError(f"vllm-steer {' '.join(argv)} was not refused: it went on to start vLLM")
+
+    monkeypatch.setattr(serve, "launch", no_launch)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err

@@ -1,5 +1,6 @@
 """Checkpoints written the way the LM-Steer reference's scripts write them (layouts, Namespace field
-names and types, tensor kinds, CUDA storage tags), for the convert tests; no reference code is used."""
+names and types, tensor kinds, CUDA storage tags), for the convert tests, and the three converted ones the
+session's steer server serves; no reference code is used."""
 
 from __future__ import annotations
 
@@ -85,3 +86,40 @@ def write_transfer_checkpoint(path: Path, p1_source: torch.Tensor, p2_source: to
     assert saved["projector1"].grad_fn is not None and saved["projector1"].requires_grad
     _save([None, saved, step], path, cuda=True)
     return saved["projector1"].detach().clone(), saved["projector2"].detach().clone()
+
+
+def _randn(*shape: int, seed: int, sigma: float) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * sigma
+
+
+def converted_reference_steers(folder: Path, model_dir: Path, hidden_size: int) -> tuple[dict[str, str], dict]:
+    """Three reference checkpoints written in `folder` and converted by `vllm-steer convert` for the model in
+    `model_dir`: ({name: served file}, {name: the formula's SteerFile built from the checkpoint's own tensors and
+    the eps the reference trained with}). Sigmas give a 20% move of h at v=5, as the suite's steers."""
+    from vllm_steer import SteerFile
+    from vllm_steer.cli import main
+
+    expected, served = {}, {}
+    # train.py, README recipe (K=2, rank 1000, dummy dim 1, eps 1e-3), trained with --cuda.
+    p1, p2 = _randn(2, hidden_size, 1000, seed=11, sigma=0.23), _randn(2, hidden_size, 1000, seed=12, sigma=0.23)
+    write_train_checkpoint(folder / "train.pt", p1, p2, head_namespace(model_name="SmolLM2-135M"), cuda=True)
+    main(["convert", str(folder / "train.pt"), str(folder / "train.safetensors"), "--model", str(model_dir),
+          "--dim-names", "train,bias"])
+    expected["train"], served["train"] = (p1, p2, 1e-3), folder / "train.safetensors"
+
+    # steer_transfer.py from a 64-dim model's steer trained with eps 2e-3: given on the command line.
+    p1, p2 = write_transfer_checkpoint(folder / "transfer.pt", _randn(2, 64, 64, seed=21, sigma=0.32),
+                                       _randn(2, 64, 64, seed=22, sigma=0.32), hidden_to=hidden_size, seed=23)
+    main(["convert", str(folder / "transfer.pt"), str(folder / "transfer.safetensors"), "--epsilon", "2e-3",
+          "--dim-names", "transfer,bias", "--bias-dim", "bias=1"])
+    expected["transfer"], served["transfer"] = (p1, p2, 2e-3), folder / "transfer.safetensors"
+
+    # steer_transfer.py again, source eps 1e-3: --assume-defaults.
+    p1, p2 = write_transfer_checkpoint(folder / "assumed.pt", _randn(2, 64, 64, seed=31, sigma=0.45),
+                                       _randn(2, 64, 64, seed=32, sigma=0.45), hidden_to=hidden_size, seed=33)
+    main(["convert", str(folder / "assumed.pt"), str(folder / "assumed.safetensors"), "--assume-defaults"])
+    expected["assumed"], served["assumed"] = (p1, p2, 1e-3), folder / "assumed.safetensors"
+
+    formula = {name: SteerFile.create(a, b, dim_names=["primary", "dummy"], epsilon=eps)
+               for name, (a, b, eps) in expected.items()}
+    return {name: str(path) for name, path in served.items()}, formula

@@ -17,7 +17,6 @@ from typing import Any
 
 import httpx
 import pytest
-from helpers import SHIPPED_STEERS
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 
@@ -233,12 +232,12 @@ xargs_dicts = st.dictionaries(keys, values, max_size=4)
 
 @settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(xargs=xargs_dicts)
-def test_arbitrary_vllm_xargs(servers, steer_paths, xargs):
+def test_arbitrary_vllm_xargs(servers, served_steer_paths, xargs):
     """Every answer is a 200 or a 400 (never a 500, never a hang: 120 s timeout); a 400 carries
     a message; a 200 only for a request that is valid (vLLM's model of vllm_xargs, then
     parse_steer_args), and every valid request is a 200."""
     server = servers["steer"]
-    catalog, bounds = served_catalog(server, {**steer_paths, **SHIPPED_STEERS})
+    catalog, bounds = served_catalog(server, served_steer_paths)
     valid = accepted_by_vllm(xargs)
     if valid:
         try:

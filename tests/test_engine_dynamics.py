@@ -427,7 +427,7 @@ def test_fingerprint_check_on_vocab_shards(output_embedding):
 
 # ---------------------------------------------------------------------------- TP=2 on a model that splits
 
-TP2_ARGS = [*CPU_SERVER_ARGS, "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp"]
+TP2_ARGS = [*CPU_SERVER_ARGS, "--tensor-parallel-size", "2", "--distributed-executor-backend", "mp", "--enforce-eager"]
 
 
 def steer_off_in_rank_1_rows(tiny_model, path: Path) -> int:
@@ -443,8 +443,32 @@ def steer_off_in_rank_1_rows(tiny_model, path: Path) -> int:
     return row
 
 
+@pytest.fixture(scope="module")
+def tp2_tiny(tiny_model, tmp_path_factory):
+    """Two TP=2 servers of the tiny Llama, started at once to share the start-up wait: "steer" serves its
+    steer (with the runtime registry); "off" is given a steer whose fingerprint only rank 1 can tell is
+    wrong, and must exit. Also the steer file of the second, and the row that is wrong in it."""
+    logs = tmp_path_factory.mktemp("tp2_logs")
+    folder, _, _, steer_path = tiny_model
+    row = steer_off_in_rank_1_rows(tiny_model, logs / "off.safetensors")
+    procs = {
+        "steer": ServerProcess(steer_server_command(str(folder), {"gamma": str(steer_path)}, *TP2_ARGS,
+                                                    "--allow-runtime-updates", *load_dir_args(tmp_path_factory)),
+                               logs / "tp2.log", env=TWO_PROCESS_ENV),
+        "off": ServerProcess(steer_server_command(str(folder), {"off": str(logs / "off.safetensors")}, *TP2_ARGS),
+                             logs / "tp2_off.log", env=TWO_PROCESS_ENV),
+    }
+    for proc in procs.values():
+        proc.start()
+    try:
+        yield {**procs, "off_path": logs / "off.safetensors", "off_row": row}
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
 @two_cores
-def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path, tmp_path_factory):
+def test_tensor_parallel_2_matches_the_formula(tiny_model, tp2_tiny):
     """vLLM's CPU backend runs tensor-parallel size 2 here once its OpenMP threads are bound
     by hand. On a model that splits over 2 ranks, the steered logprobs served with TP=2 equal
     the paper's formula computed in float64 by HF transformers (TP=1 equals it in the parity
@@ -453,49 +477,41 @@ def test_tensor_parallel_2_matches_the_formula(tiny_model, tmp_path, tmp_path_fa
     server then answers exactly as before."""
     from transformers import AutoTokenizer
 
-    folder, model, steer, steer_path = tiny_model
+    folder, model, steer, _ = tiny_model
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    command = steer_server_command(str(folder), {"gamma": str(steer_path)}, *TP2_ARGS, "--allow-runtime-updates",
-                                   *load_dir_args(tmp_path_factory))
-    with ServerProcess(command, tmp_path / "tp2.log", env=TWO_PROCESS_ENV) as server:
-        assert "tensor_parallel_size=2" in server.log_tail(200_000)
-        worst, smallest_effect = served_vs_formula(server, model, tokenizer, {"gamma": steer},
-                                                   [{"steer_gamma": 5}, {"steer_gamma": [-3, 1]}, None])
-        ids = tokenizer(PROMPTS[0])["input_ids"]
-        before = complete(server, ids, {"steer_gamma": 5}, max_tokens=8, logprobs=1).choices[0]
-        row = steer_off_in_rank_1_rows(tiny_model, tmp_path / "off.safetensors")
-        off = {"name": "off", "path": str(tmp_path / "off.safetensors")}
-        refused = httpx.post(server.url + "/load_steer", json=off, timeout=120)
-        assert refused.status_code == 400, refused.text
-        assert "does not fit" in refused.text and f"row {row} norm" in server.log_tail(200_000)
-        assert [s["name"] for s in httpx.get(server.url + "/steers", timeout=30).json()["data"]] == ["gamma"]
-        after = complete(server, ids, {"steer_gamma": 5}, max_tokens=8, logprobs=1).choices[0]
-        assert (after.text, after.logprobs.token_logprobs) == (before.text, before.logprobs.token_logprobs)
+    server = tp2_tiny["steer"].wait_ready()
+    assert "tensor_parallel_size=2" in server.log_tail(200_000)
+    worst, smallest_effect = served_vs_formula(server, model, tokenizer, {"gamma": steer},
+                                               [{"steer_gamma": 5}, {"steer_gamma": [-3, 1]}, None])
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    before = complete(server, ids, {"steer_gamma": 5}, max_tokens=8, logprobs=1).choices[0]
+    row = tp2_tiny["off_row"]
+    off = {"name": "off", "path": str(tp2_tiny["off_path"])}
+    refused = httpx.post(server.url + "/load_steer", json=off, timeout=120)
+    assert refused.status_code == 400, refused.text
+    assert "does not fit" in refused.text and f"row {row} norm" in server.log_tail(200_000)
+    assert [s["name"] for s in httpx.get(server.url + "/steers", timeout=30).json()["data"]] == ["gamma"]
+    after = complete(server, ids, {"steer_gamma": 5}, max_tokens=8, logprobs=1).choices[0]
+    assert (after.text, after.logprobs.token_logprobs) == (before.text, before.logprobs.token_logprobs)
     assert worst < 1e-3, f"TP=2 vs the float64 formula: largest |logprob difference| {worst}"
     assert smallest_effect > 0.1, smallest_effect
 
 
 @two_cores
-def test_tensor_parallel_2_rank_1_checks_its_own_vocab_shard(tiny_model, tmp_path):
+def test_tensor_parallel_2_rank_1_checks_its_own_vocab_shard(tp2_tiny):
     """A fingerprint that is wrong only in a row of the second half of the vocabulary (held
     by rank 1 alone) stops a TP=2 start-up with the fingerprint error: rank 1 checks its
     shard at the right offset, and the server exits rather than hangs."""
-    folder = tiny_model[0]
-    row = steer_off_in_rank_1_rows(tiny_model, tmp_path / "off.safetensors")
-    command = steer_server_command(str(folder), {"off": str(tmp_path / "off.safetensors")}, *TP2_ARGS)
-    proc = ServerProcess(command, tmp_path / "tp2_off.log", env=TWO_PROCESS_ENV).start()
+    proc, row = tp2_tiny["off"], tp2_tiny["off_row"]
     refused_at = None
-    try:
-        deadline = time.monotonic() + 400
-        while proc.proc.poll() is None and time.monotonic() < deadline:
-            if refused_at is None and "does not fit this model's output embedding" in proc.log_tail(200_000):
-                refused_at = time.monotonic()
-            if refused_at is not None and time.monotonic() - refused_at > 90:
-                break
-            time.sleep(1)
-        exited = proc.proc.poll()
-    finally:
-        proc.stop()
+    deadline = time.monotonic() + 400
+    while proc.proc.poll() is None and time.monotonic() < deadline:
+        if refused_at is None and "does not fit this model's output embedding" in proc.log_tail(200_000):
+            refused_at = time.monotonic()
+        if refused_at is not None and time.monotonic() - refused_at > 90:
+            break
+        time.sleep(1)
+    exited = proc.proc.poll()
     log = proc.log_tail(200_000)
     assert f"row {row} norm" in log, log[-4000:]  # rank 1 found it, at the right offset
     assert exited is not None and exited != 0, "rank 1 refused the steer, but the server hung instead of exiting"

@@ -1,18 +1,21 @@
 """LoRA adapters and steers on one server: requests that carry an adapter (the OpenAI `model`
 field naming it) and steers share batches, each steered with its own values on top of its own
 adapter; a request with an adapter and no steer equals vLLM without the plugin. Real vLLM (CPU
-build, float32) on the default model, with two small LoRA adapters made here for it."""
+build, float32) on the default model, with two small LoRA adapters made here for it. These two servers
+run vLLM's default mode, the model under torch.compile (the suite's other servers of the default model
+run eager), so the formula and the parity with plain vLLM are also checked compiled."""
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 from pathlib import Path
 
 import openai
 import pytest
 import torch
-from helpers import ENGINE_ARGS, SERVER_ENV, hf_steered_logprobs, token_ids
+from helpers import COMPILED_ENGINE_ARGS, SERVER_ENV, hf_steered_logprobs, token_ids
 from safetensors.torch import save_file
 
 from vllm_steer import SteerFile
@@ -56,9 +59,10 @@ def lora(model_dir, steer_paths, tmp_path_factory):
     deltas = {name: make_adapter(folder / name, model_dir, seed) for seed, name in enumerate(["warm", "cold"], 1)}
     modules = ["--lora-modules", *(f"{name}={folder / name}" for name in deltas)]
     logs = tmp_path_factory.mktemp("lora_logs")
-    steered = ServerProcess(steer_server_command(str(model_dir), steer_paths, *LORA_ARGS, *modules, *ENGINE_ARGS),
+    args = [*LORA_ARGS, *modules, *COMPILED_ENGINE_ARGS]
+    steered = ServerProcess(steer_server_command(str(model_dir), steer_paths, *args),
                             logs / "steer.log", env=SERVER_ENV)
-    plain = ServerProcess(plain_server_command(str(model_dir), *LORA_ARGS, *modules, *ENGINE_ARGS),
+    plain = ServerProcess(plain_server_command(str(model_dir), *args),
                           logs / "plain.log", env={**SERVER_ENV, "VLLM_PLUGINS": ""})
     steered.start()
     plain.start()
@@ -95,26 +99,23 @@ async def run(server, jobs, max_tokens=8):
         await aclient.close()
 
 
-def merged_model(model_dir, deltas):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+def merged_model(hf_model, deltas):
+    """A copy of the session's HF model with the adapter's deltas added to its weights."""
+    model = copy.deepcopy(hf_model)
     with torch.no_grad():
         for name, delta in deltas.items():
             model.get_submodule(name).weight += delta
     return model
 
 
-def test_adapters_and_steers_in_one_batch_match_the_formula(lora, model_dir, steer_paths):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+def test_adapters_and_steers_in_one_batch_match_the_formula(lora, hf_model, steer_paths):
+    base, tokenizer = hf_model
     jobs = [(tokenizer(PROMPTS[i % len(PROMPTS)])["input_ids"], job) for i, job in enumerate(MIXED)]
     batched = asyncio.run(run(lora["steer"], jobs))
     alone = [asyncio.run(run(lora["steer"], [job]))[0] for job in jobs]
     assert [b.text for b in batched] == [a.text for a in alone]
     steers = {name: SteerFile.load(path) for name, path in steer_paths.items()}
-    models = {a: merged_model(model_dir, d) for a, d in lora["deltas"].items()}
+    models = {a: merged_model(base, d) for a, d in lora["deltas"].items()}
     worst = 0.0
     for (ids, (adapter, xargs)), choice in zip(jobs, batched, strict=True):
         gen = token_ids(choice)
@@ -130,6 +131,8 @@ def test_adapters_and_steers_in_one_batch_match_the_formula(lora, model_dir, ste
 
 
 def test_an_adapter_without_a_steer_equals_vllm_without_the_plugin(lora):
+    for server in (lora["steer"], lora["plain"]):  # both compiled: vLLM's default mode
+        assert "enforce_eager=False" in server.log_tail(400_000)
     jobs = [(p, (a, None)) for p in PROMPTS for a in ("warm", "cold")]
     ours = asyncio.run(run(lora["steer"], jobs, max_tokens=16))
     theirs = asyncio.run(run(lora["plain"], jobs, max_tokens=16))

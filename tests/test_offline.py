@@ -23,7 +23,8 @@ from vllm_steer import steer_args, steered_llm
 
 if __name__ == "__main__":
     model, steers, prompts, cases = json.loads(sys.argv[1])
-    llm = steered_llm(model, steers, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.5, seed=0)
+    llm = steered_llm(model, steers, dtype="float32", max_model_len=1024, gpu_memory_utilization=0.5, seed=0,
+                      enforce_eager=True)  # as the session's servers
     params = [SamplingParams(max_tokens=12, temperature=0,
                              extra_args=steer_args(**{k[6:]: v for k, v in case.items()}) if case else None)
               for case in cases]

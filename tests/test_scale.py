@@ -46,7 +46,9 @@ from vllm_steer.launch.plan import STATE_PROCESSOR, parse_vllm_args, plan_launch
 from vllm_steer.serving import registry
 from vllm_steer.serving.config import (
     ENV_VAR,
+    PLAYGROUND_ENV,
     RUNTIME_UPDATES_ENV,
+    STEER_ENV_VARS,
     expected_steer_digest,
     ray_env_vars_to_copy,
     steer_set_digest,
@@ -132,10 +134,11 @@ def test_a_path_this_node_cannot_read_names_the_node_and_the_path(tmp_path):
 
 
 def test_ray_workers_are_told_to_copy_the_steer_variables():
-    ours = f"{ENV_VAR},{RUNTIME_UPDATES_ENV},VLLM_PLUGINS"
+    ours = f"{ENV_VAR},{RUNTIME_UPDATES_ENV},{PLAYGROUND_ENV},VLLM_PLUGINS"
     assert ray_env_vars_to_copy(None) == ours
     assert ray_env_vars_to_copy(" MY_VAR ,, OTHER") == f"MY_VAR,OTHER,{ours}"
-    assert ray_env_vars_to_copy(f"{ENV_VAR},MY_VAR") == f"{ENV_VAR},MY_VAR,{RUNTIME_UPDATES_ENV},VLLM_PLUGINS"
+    assert ray_env_vars_to_copy(f"{ENV_VAR},MY_VAR") == \
+        f"{ENV_VAR},MY_VAR,{RUNTIME_UPDATES_ENV},{PLAYGROUND_ENV},VLLM_PLUGINS"
 
 
 def test_launch_plan():
@@ -188,17 +191,19 @@ def test_the_endpoint_plugin_refuses_too(monkeypatch):
     LoRA updates with several API servers."""
     from types import SimpleNamespace
 
-    engine = SimpleNamespace(vllm_config=SimpleNamespace(model_config=SimpleNamespace(get_hidden_size=lambda: 256)))
+    # A stand-in for vLLM's engine client: only what init_state reads (the plugin's own front end is real).
+    engine = SimpleNamespace(vllm_config=SimpleNamespace(model_config=SimpleNamespace(get_hidden_size=lambda: 256)),
+                             get_tokenizer=lambda: None)
     plugin, state = registry.SteerEndpoints(), Namespace()
     monkeypatch.setenv(RUNTIME_UPDATES_ENV, "1")
     with pytest.raises(ValueError, match="cannot be used with --api-server-count 2"):
-        asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=2)))
+        asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=2, model="tiny")))
     with pytest.raises(ValueError, match="cannot be used with --data-parallel-hybrid-lb"):
-        asyncio.run(plugin.init_state(engine, state, Namespace(data_parallel_hybrid_lb=True)))
-    asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=None, data_parallel_size=2)))
+        asyncio.run(plugin.init_state(engine, state, Namespace(data_parallel_hybrid_lb=True, model="tiny")))
+    asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=None, data_parallel_size=2, model="tiny")))
     assert state.vllm_steer_engine is engine and state.vllm_steer_hidden_size == 256
     monkeypatch.delenv(RUNTIME_UPDATES_ENV)  # without runtime updates, any number of front ends
-    asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=4)))
+    asyncio.run(plugin.init_state(engine, state, Namespace(api_server_count=4, model="tiny")))
 
 
 @pytest.fixture
@@ -411,40 +416,42 @@ RAY_REFUSAL = "current platform cpu does not support ray"  # vLLM's CPU build, w
 RAY_MISSING = "Failed to import Ray: No module named 'ray'"  # vLLM's CPU build, without Ray
 
 
+@pytest.fixture(scope="module")
+def pp(tiny_model, steers, tmp_path_factory):
+    """The PP=2 server, and the servers that must refuse to start beside it."""
+    logs = tmp_path_factory.mktemp("pp_logs")
+    gamma = SteerConfig({"gamma": str(steers["gamma"])})
+    sha = {n: s for n, (_, s) in gamma.read_files().items()}
+    stale = SteerConfig({"gamma": str(steers["gamma"])}, bounds={"gamma": 7.0})
+    procs = {
+        "pp": tiny_steer_server(tiny_model, steers, logs / "pp.log", "--pipeline-parallel-size", "2",
+                                "--distributed-executor-backend", "mp", "--allow-runtime-updates",
+                                *load_dir_args(tmp_path_factory), env=TWO_PROCESS_ENV),
+        # Refused at start-up (each in its own processes, started now to share the wait):
+        # the Ray executor; a worker whose steer set is not the front end's (its environment says
+        # gamma, the front end started with gamma bounded at 7); a worker that cannot read a path.
+        "ray": tiny_steer_server(tiny_model, steers, logs / "ray.log", "--tensor-parallel-size", "2",
+                                 "--distributed-executor-backend", "ray", "--enforce-eager",
+                                 env={**TWO_PROCESS_ENV, "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY": "OPERATOR_VAR"}),
+        "stale": plain_steered_server(tiny_model, gamma, logs / "stale.log", "--additional-config", json.dumps(
+            {"vllm_steer": {"steer_set_sha256": steer_set_digest(stale, sha)}})),
+        "unreadable": plain_steered_server(tiny_model, SteerConfig({"gone": "/nonexistent/gone.safetensors"}),
+                                           logs / "unreadable.log"),
+    }
+    for proc in procs.values():
+        proc.start()
+    try:
+        procs["pp"].wait_ready(timeout=900)
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
 @two_cores
 class TestPipelineParallel:
     """PP=2 over two processes (mp executor). torch.compile on: vLLM's CPU build only allocates the
     buffer the second stage receives activations in during its compiled warm-up."""
-
-    @pytest.fixture(scope="class")
-    def pp(self, tiny_model, steers, tmp_path_factory):
-        logs = tmp_path_factory.mktemp("pp_logs")
-        gamma = SteerConfig({"gamma": str(steers["gamma"])})
-        sha = {n: s for n, (_, s) in gamma.read_files().items()}
-        stale = SteerConfig({"gamma": str(steers["gamma"])}, bounds={"gamma": 7.0})
-        procs = {
-            "pp": tiny_steer_server(tiny_model, steers, logs / "pp.log", "--pipeline-parallel-size", "2",
-                                    "--distributed-executor-backend", "mp", "--allow-runtime-updates",
-                                    *load_dir_args(tmp_path_factory), env=TWO_PROCESS_ENV),
-            # Refused at start-up (each in its own processes, started now to share the wait):
-            # the Ray executor; a worker whose steer set is not the front end's (its environment says
-            # gamma, the front end started with gamma bounded at 7); a worker that cannot read a path.
-            "ray": tiny_steer_server(tiny_model, steers, logs / "ray.log", "--tensor-parallel-size", "2",
-                                     "--distributed-executor-backend", "ray", "--enforce-eager",
-                                     env={**TWO_PROCESS_ENV, "VLLM_RAY_EXTRA_ENV_VARS_TO_COPY": "OPERATOR_VAR"}),
-            "stale": plain_steered_server(tiny_model, gamma, logs / "stale.log", "--additional-config", json.dumps(
-                {"vllm_steer": {"steer_set_sha256": steer_set_digest(stale, sha)}})),
-            "unreadable": plain_steered_server(tiny_model, SteerConfig({"gone": "/nonexistent/gone.safetensors"}),
-                                               logs / "unreadable.log"),
-        }
-        for proc in procs.values():
-            proc.start()
-        try:
-            procs["pp"].wait_ready(timeout=900)
-            yield procs
-        finally:
-            for proc in procs.values():
-                proc.stop()
 
     def test_the_last_stage_steers_exactly(self, pp, tiny_model):
         """Requests one at a time and all at once: the float64 formula; the per-request table of the
@@ -493,7 +500,7 @@ class TestPipelineParallel:
         log = exit_log(pp["ray"])
         ray_installed = importlib.util.find_spec("ray") is not None
         assert (RAY_REFUSAL if ray_installed else RAY_MISSING) in log, log[-3000:]
-        assert (f"VLLM_RAY_EXTRA_ENV_VARS_TO_COPY=OPERATOR_VAR,{ENV_VAR},{RUNTIME_UPDATES_ENV},VLLM_PLUGINS"
+        assert (f"VLLM_RAY_EXTRA_ENV_VARS_TO_COPY=OPERATOR_VAR,{','.join(STEER_ENV_VARS)}"
                 in log), log[:3000]
 
     def test_a_worker_with_another_steer_set_refuses_to_start(self, pp):
@@ -511,18 +518,39 @@ class TestPipelineParallel:
 # ---------------------------------------------------------------------------- data parallelism
 
 
+@pytest.fixture(scope="module")
+def dp_and_api2(tiny_model, steers, tmp_path_factory):
+    """The DP=2 server and the two-API-server one, started at once to share the start-up wait."""
+    logs = tmp_path_factory.mktemp("dp_api2_logs")
+    procs = {
+        "dp": tiny_steer_server(tiny_model, steers, logs / "dp.log", "--data-parallel-size", "2", "--enforce-eager",
+                                "--allow-runtime-updates", *load_dir_args(tmp_path_factory), env=TWO_PROCESS_ENV),
+        "api2": tiny_steer_server(tiny_model, steers, logs / "api2.log", "--api-server-count", "2", "--enforce-eager",
+                                  "--enable-log-requests", "--steer-endpoints"),
+    }
+    for proc in procs.values():
+        proc.start()
+    try:
+        yield procs
+    finally:
+        for proc in procs.values():
+            proc.stop()
+
+
+@pytest.fixture(scope="module")
+def dp(dp_and_api2) -> ServerProcess:
+    return dp_and_api2["dp"].wait_ready()
+
+
+@pytest.fixture(scope="module")
+def api2(dp_and_api2) -> ServerProcess:
+    return dp_and_api2["api2"].wait_ready()
+
+
 @two_cores
 class TestDataParallel:
     """DP=2 behind one API server (internal load balancing): two engine cores, each with its own
     worker and steer table."""
-
-    @pytest.fixture(scope="class")
-    def dp(self, tiny_model, steers, tmp_path_factory):
-        log = tmp_path_factory.mktemp("dp_logs") / "dp.log"
-        with tiny_steer_server(tiny_model, steers, log, "--data-parallel-size", "2", "--enforce-eager",
-                               "--allow-runtime-updates", *load_dir_args(tmp_path_factory),
-                               env=TWO_PROCESS_ENV) as server:
-            yield server
 
     def engine_counts(self, server: ServerProcess) -> list[float]:
         return [metric(server, "vllm:request_success_total", engine=e) for e in ("0", "1")]
@@ -575,13 +603,6 @@ class TestDataParallel:
 class TestTwoApiServers:
     """`--api-server-count 2`: vLLM's dispatcher starts two API server processes on one port, both
     connected to the engine core; each admits requests against the same static steer set."""
-
-    @pytest.fixture(scope="class")
-    def api2(self, tiny_model, steers, tmp_path_factory):
-        log = tmp_path_factory.mktemp("api2_logs") / "api2.log"
-        with tiny_steer_server(tiny_model, steers, log, "--api-server-count", "2", "--enforce-eager",
-                               "--enable-log-requests", "--steer-endpoints") as server:
-            yield server
 
     def test_two_front_ends_steer_exactly(self, api2, tiny_model):
         from transformers import AutoTokenizer

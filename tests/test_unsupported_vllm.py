@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from helpers import CPU_SERVER_ARGS, SERVER_ENV
@@ -81,13 +82,23 @@ def run(command: list[str], env: dict[str, str], timeout: float = 600) -> subpro
                           timeout=timeout)
 
 
-@pytest.mark.parametrize("unsupported", [True, False], ids=["vllm-0.34", "vllm-0.32"])
-def test_installed_but_unconfigured_changes_nothing_in_vllm_llm(tiny_model, reported_version, tmp_path,
-                                                                 unsupported):
-    script = tmp_path / "offline.py"
+@pytest.fixture(scope="module")
+def offline_runs(tiny_model, reported_version, tmp_path_factory) -> dict[bool, subprocess.CompletedProcess]:
+    """The OFFLINE script on a vLLM reporting FAKE_VERSION (True) and on the real one (False), side by side."""
+    script = tmp_path_factory.mktemp("offline") / "offline.py"
     script.write_text(OFFLINE)
-    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(reported_version if unsupported else {})}
-    done = run([sys.executable, str(script), str(tiny_model[0])], env)
+
+    def offline(unsupported: bool) -> subprocess.CompletedProcess:
+        env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(reported_version if unsupported else {})}
+        return run([sys.executable, str(script), str(tiny_model[0])], env)
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip([True, False], pool.map(offline, [True, False]), strict=True))
+
+
+@pytest.mark.parametrize("unsupported", [True, False], ids=["vllm-0.34", "vllm-0.32"])
+def test_installed_but_unconfigured_changes_nothing_in_vllm_llm(offline_runs, unsupported):
+    done = offline_runs[unsupported]
     output = done.stdout + done.stderr
     assert done.returncode == 0, output[-6000:]
     result = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
@@ -126,8 +137,10 @@ def test_configured_on_an_unsupported_vllm_is_refused_without_a_traceback(tiny_m
         "vLLM's server with the steers configured only": (
             plain_server_command(str(folder), *CPU_SERVER_ARGS), {"VLLM_STEER_CONFIG": config}),
     }
-    for name, (command, env) in starts.items():
-        done = run(command, {**reported_version, **env}, timeout=300)
+    with ThreadPoolExecutor(len(starts)) as pool:  # side by side: each is a whole vLLM import
+        runs = dict(zip(starts, pool.map(lambda start: run(start[0], {**reported_version, **start[1]}, timeout=300),
+                                         starts.values()), strict=True))
+    for name, done in runs.items():
         output = done.stdout + done.stderr
         assert done.returncode != 0, (name, output[-4000:])
         assert REFUSAL in output, (name, output[-4000:])

@@ -111,12 +111,6 @@ class SteerEndpoints:
             steers = admitted()
             return {"object": "list", "data": describe_steers(steers.config, steers.bounds)}
 
-        @router.get("/v1/models")  # vLLM's listing, with the presets (replaces vLLM's route)
-        async def list_models(raw: Request) -> JSONResponse:
-            models = (await raw.app.state.openai_serving_models.show_available_models()).model_dump()
-            models["data"].extend(model_cards(raw.app.state.vllm_steer_served_models[0]))
-            return JSONResponse(models)
-
         @router.get("/v1/steer_presets")
         async def list_presets() -> dict:
             return {"object": "list", "data": [{"name": name, "steers": values}
@@ -147,6 +141,12 @@ class SteerEndpoints:
 
         if steers_configured():  # presets need the steers; without any, vLLM runs as if this were not here
             app.add_middleware(PresetRequests, base_model=lambda: app.state.vllm_steer_served_models[0])
+
+            @router.get("/v1/models")  # vLLM's listing, with the presets (replaces vLLM's route)
+            async def list_models(raw: Request) -> JSONResponse:
+                models = (await raw.app.state.openai_serving_models.show_available_models()).model_dump()
+                models["data"].extend(model_cards(raw.app.state.vllm_steer_served_models[0]))
+                return JSONResponse(models)
 
         if runtime_updates_allowed():
 
@@ -246,7 +246,8 @@ class SteerEndpoints:
         state.vllm_steer_hidden_size = engine_client.vllm_config.model_config.get_hidden_size()
         state.vllm_steer_tokenizer = engine_client.get_tokenizer()
         state.vllm_steer_served_models, state.vllm_steer_lora_modules = served_names(args)
-        check_presets(admitted(), *served_names(args))  # a bad preset stops start-up, naming it
+        if steers_configured():
+            check_presets(admitted(), *served_names(args))  # a bad preset stops start-up, naming it
 
 
 async def _load_source(request: Request, config: SteerConfig) -> LoadSource:
