@@ -53,7 +53,7 @@ from vllm_steer.tools.default_model import default_model_dir, default_output_emb
 # The fixtures that start vLLM (servers, engines, refused start-ups), a browser, a wheel's venv or the kernel
 # compiler: a test that uses one, directly or through another fixture, is marked `slow`.
 # `scripts/test.sh -m "not slow"` runs the others (the quick subset, for development); CI runs everything.
-SLOW_FIXTURES = frozenset({"servers", "engines", "tp2_tiny", "pp", "dp_and_api2", "lora", "many", "keyed", "refused",
+SLOW_FIXTURES = frozenset({"servers", "engines", "tp2_tiny", "pp", "dp", "api2", "lora", "many", "keyed", "refused",
                            "browser", "wheel_venv", "compiled", "offline_runs", "reported_version"})
 
 

@@ -200,12 +200,13 @@ def text_of(browser, element_id: str) -> str:
 def refused_by_cli(argv: list[str], capsys, monkeypatch) -> str:
     """`vllm-steer ARGV` run in this process, which must refuse with exit status 2 before vLLM starts (starting
     it fails the test): what it wrote to stderr."""
-    from vllm_steer.cli import main, serve
+    from vllm_steer.cli import main
+    from vllm_steer.launch import plan
 
     def no_launch(*_args, **_kwargs):
         raise AssertionError(f"vllm-steer {' '.join(argv)} was not refused: it went on to start vLLM")
 
-    monkeypatch.setattr(serve, "launch", no_launch)
+    monkeypatch.setattr(plan, "launch", no_launch)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
