@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 from types import SimpleNamespace
 
+import httpx
 import openai
 import pytest
 import torch
@@ -85,6 +86,15 @@ def complete(server, prompt, xargs=None, max_tokens=12, logprobs=None, **kw):
     return client(server).completions.create(
         model=client(server).models.list().data[0].id, prompt=prompt, max_tokens=max_tokens, temperature=0,
         logprobs=logprobs, extra_body=extra, **kw)
+
+
+def metric(server, name: str, **labels: str) -> float:
+    """The sum of the samples called `name` (matching `labels`) on the server's /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30).text
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def token_ids(choice) -> list[int]:

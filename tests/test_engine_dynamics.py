@@ -31,12 +31,12 @@ from helpers import (
     client,
     complete,
     load_dir_args,
+    metric,
     run_alone,
     run_concurrently,
     served_vs_formula,
     two_cores,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_steer import SteerFile, embedding_fingerprint
 from vllm_steer.steer.fingerprint import fingerprint_mismatch
@@ -55,13 +55,6 @@ TP_REFUSAL = "Total number of attention heads (9) must be divisible by tensor pa
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` (matching `labels`) on the server's /metrics."""
-    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def wait_engine_idle(server: ServerProcess, timeout: float) -> float:

@@ -60,11 +60,15 @@ def test_the_page_lists_every_steer_with_its_keywords(browser, servers):
         {"", *PRESETS}
 
 
+def open_with_prompt(browser, server, max_tokens: int = MAX_TOKENS) -> None:
+    open_playground(browser, server)
+    set_field(browser, "prompt", PROMPT)
+    set_field(browser, "max-tokens", max_tokens)
+
+
 def test_the_steered_column_is_what_the_api_answers(browser, servers):
     s = servers["steer"]
-    open_playground(browser, s)
-    set_field(browser, "prompt", PROMPT)
-    set_field(browser, "max-tokens", MAX_TOKENS)
+    open_with_prompt(browser, s)
     Select(browser.find_element(By.ID, "preset")).select_by_value("alpha-strong")
     assert browser.find_element(By.ID, "value-alpha").get_attribute("value") == "5"
     browser.find_element(By.ID, "slider-sentiment").send_keys(Keys.ARROW_RIGHT * 8)  # the slider, 8 steps of 0.5
@@ -80,9 +84,7 @@ def test_the_steered_column_is_what_the_api_answers(browser, servers):
 
 def test_a_sweep_shows_one_column_per_value(browser, servers):
     s = servers["steer"]
-    open_playground(browser, s)
-    set_field(browser, "prompt", PROMPT)
-    set_field(browser, "max-tokens", MAX_TOKENS)
+    open_with_prompt(browser, s)
     Select(browser.find_element(By.ID, "sweep-steer")).select_by_value("detox")
     generate(browser, "sweep")
     texts = [text_of(browser, f"out-sweep-{i}") for i in range(5)]
@@ -92,9 +94,7 @@ def test_a_sweep_shows_one_column_per_value(browser, servers):
 
 def test_a_refused_value_shows_the_servers_message(browser, servers):
     s = servers["steer"]
-    open_playground(browser, s)
-    set_field(browser, "prompt", PROMPT)
-    set_field(browser, "max-tokens", 4)
+    open_with_prompt(browser, s, max_tokens=4)
     set_field(browser, "value-beta", 500)  # beta is bounded at 20 on this server
     generate(browser, "generate")
     assert "beyond the allowed range" in text_of(browser, "error-steered")

@@ -9,12 +9,10 @@ The session's steer server serves the presets of helpers.PRESETS."""
 
 from __future__ import annotations
 
-import re
-
 import httpx
 import openai
 import pytest
-from helpers import PRESETS, PROMPTS, client, random_steer
+from helpers import PRESETS, PROMPTS, client, metric, random_steer
 
 from vllm_steer import embedding_fingerprint
 from vllm_steer.cli import main as cli_main
@@ -71,13 +69,6 @@ def test_the_requests_own_steer_keys_override_the_presets(servers):
     with pytest.raises(openai.BadRequestError, match="beyond the allowed range"):  # still checked
         c.completions.create(model="alpha-strong", prompt=PROMPTS[2], max_tokens=2,
                              extra_body={"vllm_xargs": {"steer_alpha": 5000}})
-
-
-def metric(server, name: str, **labels) -> float:
-    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30).text
-    label_re = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    found = re.search(rf"^{re.escape(name)}\{{{label_re}\}} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 def test_presets_are_counted(servers):

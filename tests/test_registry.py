@@ -4,27 +4,19 @@ session's steer server (started with --allow-runtime-updates and --steer-bound b
 from __future__ import annotations
 
 import asyncio
-import re
 
 import httpx
 import openai
 import pytest
 import torch
 from fastapi import FastAPI
-from helpers import PROMPTS, client, complete, random_steer
+from helpers import PROMPTS, client, complete, metric, random_steer
 
 from vllm_steer import embedding_fingerprint
 
 
 def post(server, path, body):
     return httpx.post(server.url + path, json=body, timeout=300)
-
-
-def metric(server, name: str, **labels) -> float:
-    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30).text
-    label_re = ",".join(f'{k}="{v}"' for k, v in labels.items())
-    found = re.search(rf"^{re.escape(name)}\{{{label_re}\}} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
 
 
 def test_list_steers(servers):

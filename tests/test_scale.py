@@ -34,11 +34,11 @@ from helpers import (
     TWO_PROCESS_ENV,
     complete,
     load_dir_args,
+    metric,
     served_vs_formula,
     stand_in_config,
     two_cores,
 )
-from prometheus_client.parser import text_string_to_metric_families
 
 from vllm_steer import SteerConfig, SteerFile, embedding_fingerprint
 from vllm_steer.cli import main as cli_main
@@ -367,13 +367,6 @@ def test_a_load_changes_every_engine_or_none(front_end, steers):
 
 
 # ---------------------------------------------------------------------------- helpers for the engine tests
-
-
-def metric(server: ServerProcess, name: str, **labels: str) -> float:
-    """The sum of the samples called `name` (matching `labels`) on the server's /metrics."""
-    text = httpx.get(server.url.removesuffix("/v1") + "/metrics", timeout=30).text
-    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
-               if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
 def load(server: ServerProcess, name: str, path: Path) -> httpx.Response:
