@@ -63,6 +63,16 @@ def pytest_collection_modifyitems(config, items) -> None:
             item.add_marker(pytest.mark.slow)
 
 
+def pytest_terminal_summary(terminalreporter) -> None:
+    """After the slowest tests, every server start-up of the run: seconds until ready (or until it exited,
+    for one that must refuse), slowest first, named by its log's folder and file."""
+    startups = sorted(ServerProcess.STARTUPS, key=lambda s: -s[2])
+    if startups:
+        terminalreporter.section(f"{len(startups)} server start-ups (a fixture's servers start side by side)")
+        for log, outcome, seconds in startups:
+            terminalreporter.write_line(f"{seconds:7.1f}s {outcome:9s} {log.parent.name}/{log.stem}")
+
+
 @pytest.fixture(scope="session")
 def model_dir() -> Path:
     return default_model_dir()

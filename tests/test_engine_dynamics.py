@@ -504,7 +504,7 @@ def test_tensor_parallel_2_rank_1_checks_its_own_vocab_shard(tp2_tiny):
         if refused_at is not None and time.monotonic() - refused_at > 90:
             break
         time.sleep(1)
-    exited = proc.proc.poll()
+    exited = proc.wait_exit(timeout=1) if proc.proc.poll() is not None else None
     log = proc.log_tail(200_000)
     assert f"row {row} norm" in log, log[-4000:]  # rank 1 found it, at the right offset
     assert exited is not None and exited != 0, "rank 1 refused the steer, but the server hung instead of exiting"

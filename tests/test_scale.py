@@ -142,21 +142,23 @@ def test_ray_workers_are_told_to_copy_the_steer_variables():
 
 
 def test_launch_plan():
-    """Which launcher `vllm-steer serve` uses, and what it adds: the steer set digest merged into the
-    operator's --additional-config; vLLM's dispatcher for several API servers, data parallelism and
-    headless nodes; one API server when runtime updates meet data parallelism. vLLM's arguments are
-    parsed once, by vLLM's own parser, and the plan made from that parse."""
+    """What `vllm-steer serve` adds to the operator's vLLM arguments: the steer set digest merged into the
+    operator's --additional-config, and nothing else for several API servers, data parallelism and headless
+    nodes (vLLM's dispatcher starts those); one API server when runtime updates meet data parallelism.
+    vLLM's arguments are parsed once, by vLLM's own parser, and the plan made from that parse."""
     def plan(args: list[str], runtime_updates: bool = False):
         return plan_launch(parse_vllm_args("m", args), args, "d" * 64, runtime_updates=runtime_updates)
 
     single = plan(["--additional-config", '{"x": 1}'])
-    assert not single.dispatcher and single.argv[-2:] == ["--additional-config", json.dumps(
+    assert single.argv[-2:] == ["--additional-config", json.dumps(
         {"x": 1, "vllm_steer": {"steer_set_sha256": "d" * 64}})]
     for args in (["--api-server-count", "2"], ["--data-parallel-size", "2"], ["-asc", "3"],
                  ["--data-parallel-size", "2", "--data-parallel-size-local", "1", "--headless"]):
-        assert plan(args).dispatcher, args
+        scaled = plan(args)
+        assert scaled.argv == [*args, "--additional-config", json.dumps({"vllm_steer": {"steer_set_sha256": "d" * 64}})]
+        assert not scaled.notes, args
     dp = plan(["--data-parallel-size", "2"], runtime_updates=True)
-    assert dp.dispatcher and dp.argv[-2:] == ["--api-server-count", "1"] and "one API server" in dp.notes[0]
+    assert dp.argv[-2:] == ["--api-server-count", "1"] and "one API server" in dp.notes[0]
     assert plan(["--distributed-executor-backend", "ray"]).uses_ray
 
 

@@ -36,7 +36,10 @@ def free_port() -> int:
 
 class ServerProcess:
     """A server started from `command` (its --port is appended); `url` is its /v1 base.
-    Its output goes to `log_path`, which is shown when it fails to come up."""
+    Its output goes to `log_path`, which is shown when it fails to come up. Each start-up's outcome
+    ("ready", or "exited N" for a server expected to refuse) and seconds are appended to `STARTUPS`."""
+
+    STARTUPS: list[tuple[Path, str, float]] = []  # (log_path, outcome, seconds from start), this process's servers
 
     def __init__(self, command: list[str], log_path: str | Path, env: dict[str, str] | None = None) -> None:
         self.port = free_port()
@@ -44,6 +47,7 @@ class ServerProcess:
         self.log_path = Path(log_path)
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
+        self.started_at = 0.0
 
     @property
     def url(self) -> str:
@@ -55,7 +59,11 @@ class ServerProcess:
         self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                      start_new_session=True)
         log.close()
+        self.started_at = time.monotonic()
         return self
+
+    def _record(self, outcome: str) -> None:
+        ServerProcess.STARTUPS.append((self.log_path, outcome, time.monotonic() - self.started_at))
 
     def wait_ready(self, timeout: float = 600.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
@@ -65,6 +73,7 @@ class ServerProcess:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
                     if r.status == 200:
+                        self._record("ready")
                         return self
             except OSError:
                 pass
@@ -74,7 +83,9 @@ class ServerProcess:
 
     def wait_exit(self, timeout: float = 600.0) -> int:
         """For a server expected to refuse to start: its exit code."""
-        return self.proc.wait(timeout=timeout)
+        code = self.proc.wait(timeout=timeout)
+        self._record(f"exited {code}")
+        return code
 
     def log_tail(self, chars: int = 6000) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

@@ -7,6 +7,7 @@ import argparse
 import os
 import sys
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 from vllm_steer.serving.config import (
     DEFAULT_MAX_ABS_VALUE,
@@ -21,6 +22,9 @@ from vllm_steer.serving.config import (
 )
 
 from .arguments import byte_size, name_value_pairs, preset_specs, steers_in_folder
+
+if TYPE_CHECKING:
+    from vllm_steer.steer.file import SteerHeader
 
 
 def add_serve(sub: argparse._SubParsersAction) -> None:
@@ -56,9 +60,9 @@ def add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
-    """Start vLLM's OpenAI-compatible server with the steers loaded (see launch/plan.py for how: vLLM's
-    server module for one API server, vLLM's own `vllm serve` dispatcher otherwise). On the CPU build the KV
-    cache is sized to the model and the operator's limits unless the operator sized it."""
+    """Start vLLM's OpenAI-compatible server with the steers loaded, in this process as `vllm serve` does (see
+    launch/plan.py). On the CPU build the KV cache is sized to the model and the operator's limits unless the
+    operator sized it."""
     from vllm_steer.launch.cpu_kv_cache import choose_cpu_kv_cache, is_cpu_build
     from vllm_steer.launch.plan import launch, parse_vllm_args, plan_launch, prepare_environment
     from vllm_steer.serving.vllm_internals import check_internals
@@ -77,22 +81,12 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
                          max_abs_value=args.max_abs_value, max_steers_per_request=args.max_steers_per_request,
                          memory_budget=args.steer_memory_budget, max_load_bytes=args.max_load_size,
                          load_dirs=resolved_roots(args.steer_load_dir), presets=preset_specs(args.steer_preset))
-    # Fail here, in a second, rather than after the engine starts.
-    loaded = config.read_files()
-    bounds = config.bounds_for({name: steer.header for name, (steer, _) in loaded.items()})
-    for name, (steer, sha) in loaded.items():
-        print(f"vllm-steer: steer {name!r} <- {config.steers[name]} (sha256 {sha[:12]}, |value| <= "
-              f"{bounds[name]:g}, {steer.nbytes / 2**20:.2f} MiB in the file)", file=sys.stderr)
-    digest = steer_set_digest(config, {name: sha for name, (_, sha) in loaded.items()})
-    total = sum(steer.nbytes for steer, _ in loaded.values())
-    print(f"vllm-steer: {len(config.steers)} steers, {total / 2**20:.1f} MiB in their files; steer set "
-          f"{digest[:16]} (every worker checks that it loaded this set)", file=sys.stderr)
+    headers, digest = _read_and_report(config)  # fails here, in a second, rather than after the engine starts
     namespace = parse_vllm_args(args.model, vllm_args)  # once, by vLLM's own parser
     if config.presets:  # every preset servable, before vLLM starts
         from vllm_steer.serving.front_end import AdmittedSteers
         from vllm_steer.serving.presets import check_presets, served_names
 
-        headers = {name: steer.header for name, (steer, _) in loaded.items()}
         check_presets(AdmittedSteers(replace(config, headers=headers)), *served_names(namespace))
     plan = plan_launch(namespace, vllm_args, digest, args.allow_runtime_updates)
     config.export()
@@ -113,16 +107,35 @@ def run_serve(args: argparse.Namespace, vllm_args: list[str]) -> None:
     launch(args.model, plan)
 
 
+def _read_and_report(config: SteerConfig) -> tuple[dict[str, SteerHeader], str]:
+    """Read every configured steer file (raising on one that would not load) and print a line for each and
+    one for the set; their headers and the steer set's digest. The tensors are not kept: this process becomes
+    the API server, and the engine's workers read the files themselves."""
+    loaded = config.read_files()
+    headers = {name: steer.header for name, (steer, _) in loaded.items()}
+    bounds = config.bounds_for(headers)
+    for name, (steer, sha) in loaded.items():
+        print(f"vllm-steer: steer {name!r} <- {config.steers[name]} (sha256 {sha[:12]}, |value| <= "
+              f"{bounds[name]:g}, {steer.nbytes / 2**20:.2f} MiB in the file)", file=sys.stderr)
+    digest = steer_set_digest(config, {name: sha for name, (_, sha) in loaded.items()})
+    total = sum(steer.nbytes for steer, _ in loaded.values())
+    print(f"vllm-steer: {len(config.steers)} steers, {total / 2**20:.1f} MiB in their files; steer set "
+          f"{digest[:16]} (every worker checks that it loaded this set)", file=sys.stderr)
+    return headers, digest
+
+
 def plugins_allowlist_with_steer_endpoints(current: str | None) -> str:
     """VLLM_PLUGINS that also opts in to vllm-steer's HTTP routes. Unset means "every general
     plugin", so that list is spelled out rather than narrowed to ours."""
     from importlib.metadata import entry_points
 
+    from vllm_steer.launch.plan import PLUGIN_NAME
+
     if current is None:
         names = [ep.name for ep in entry_points(group="vllm.general_plugins")]
     else:
         names = current.split(",")
-    return ",".join(dict.fromkeys([n for n in names if n] + ["vllm_steer"]))
+    return ",".join(dict.fromkeys([n for n in names if n] + [PLUGIN_NAME]))
 
 
 def add_default_model(sub: argparse._SubParsersAction) -> None:

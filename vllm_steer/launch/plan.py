@@ -1,13 +1,10 @@
 """How `vllm-steer serve` starts vLLM: the operator's vLLM arguments parsed once (by vLLM's own parser), the
-arguments and launcher chosen from them (vLLM's server module for one API server, vLLM's own `vllm serve`
-dispatcher, called in-process, for several API servers, data parallelism or headless nodes), and the start
-itself."""
+arguments chosen from them, and the start itself (what `vllm serve` runs, called in this process)."""
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from argparse import Namespace
 from dataclasses import dataclass, field
 
@@ -15,6 +12,7 @@ from vllm_steer.serving.config import RAY_COPY_ENV, ray_env_vars_to_copy, with_s
 from vllm_steer.serving.scale_out import externally_balanced, runtime_updates_refusal
 
 STATE_PROCESSOR = "vllm_steer.plugin:SteerLogitsProcessor"
+PLUGIN_NAME = "vllm_steer"  # its name in both of vLLM's plugin groups (setup.py)
 
 
 def parse_vllm_args(model: str, vllm_args: list[str]) -> Namespace:
@@ -33,12 +31,10 @@ def parse_vllm_args(model: str, vllm_args: list[str]) -> Namespace:
 
 @dataclass(frozen=True)
 class LaunchPlan:
-    """How `vllm-steer serve` starts vLLM: `argv`, vLLM's arguments (the operator's and ours);
-    `dispatcher`: through vLLM's `vllm serve` dispatcher rather than the single-server module;
-    `notes`: what was decided for the operator, printed before the start."""
+    """How `vllm-steer serve` starts vLLM: `argv`, vLLM's arguments (the operator's and ours); `notes`: what
+    was decided for the operator, printed before the start; `uses_ray`: a Ray executor or DP backend."""
 
     argv: list[str]
-    dispatcher: bool
     notes: list[str] = field(default_factory=list)
     uses_ray: bool = False
 
@@ -61,9 +57,8 @@ def plan_launch(args: Namespace, vllm_args: list[str], digest: str, runtime_upda
     if runtime_updates and (refusal := runtime_updates_refusal(Namespace(**{**vars(args),
                                                                             "api_server_count": api_servers}))):
         raise ValueError(refusal)
-    dispatcher = (api_servers is not None and api_servers > 1) or dp > 1 or bool(args.headless)
     uses_ray = "ray" in (args.distributed_executor_backend, args.data_parallel_backend)
-    return LaunchPlan([*vllm_args, *extra], dispatcher, notes, uses_ray)
+    return LaunchPlan([*vllm_args, *extra], notes, uses_ray)
 
 
 def prepare_environment() -> str:
@@ -76,18 +71,11 @@ def prepare_environment() -> str:
 
 
 def launch(model: str, plan: LaunchPlan) -> None:
-    """Start vLLM; does not return while the server runs."""
-    argv = ["--model", model, "--logits-processors", STATE_PROCESSOR, *plan.argv]
-    if not plan.dispatcher:
-        # One API server: vLLM's server module (what `vllm serve` runs for one server).
-        os.execv(sys.executable, [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *argv])
-    run_vllm_serve(argv)
-
-
-def run_vllm_serve(argv: list[str]) -> None:
-    """What `vllm serve ARGV` does, called in this process: the CPU wheel's `vllm` console script
-    cannot start (it asks for a distribution named "vllm"). vLLM starts its API servers and engine
-    cores with the spawn method, which re-imports the main module: the caller's must be guarded by
+    """Start vLLM in this process as `vllm serve` does (one API server here, or vLLM's dispatcher for several
+    API servers, data parallelism and headless nodes); does not return while the server runs. In-process
+    rather than a fresh interpreter: one import of vLLM fewer per start. The CPU wheel's `vllm` console
+    script cannot start (it asks for a distribution named "vllm"). vLLM starts its engine cores with the
+    spawn method, which re-imports the main module: the caller's must be guarded by
     `if __name__ == "__main__"` (the `vllm-steer` script and `python -m vllm_steer.cli` are)."""
     from vllm.entrypoints.cli.serve import ServeSubcommand
     from vllm.logger import configure_logging_from_args
@@ -95,9 +83,22 @@ def run_vllm_serve(argv: list[str]) -> None:
 
     from vllm_steer.serving.vllm_internals import moved
 
+    _run_general_plugin_again()
     moved("cli_env_setup")()
+    argv = ["--model", model, "--logits-processors", STATE_PROCESSOR, *plan.argv]
     args = moved("make_arg_parser")(FlexibleArgumentParser(prog="vllm-steer serve")).parse_args(argv)
     configure_logging_from_args(args)
     command = ServeSubcommand()
     command.validate(args)
     command.cmd(args)
+
+
+def _run_general_plugin_again() -> None:
+    """vLLM ran its general plugins in this process when it parsed the arguments, before the steers were
+    configured, and runs them once per process; this process becomes the API server, so the plugin runs
+    again now, as in a new vLLM process (where VLLM_PLUGINS admits it)."""
+    from vllm_steer.plugin import register_plugin
+
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if allowed is None or PLUGIN_NAME in allowed.split(","):
+        register_plugin()

@@ -134,15 +134,12 @@ INTERNALS: dict[str, tuple[Internal, ...]] = {
     ),
     "launcher": (
         Internal("make_arg_parser", "parses vLLM's arguments as vLLM will", params=("parser",)),
-        Internal("cli_env_setup", "vllm serve's environment set-up, before several API servers or DP", params=()),
+        Internal("cli_env_setup", "vllm serve's environment set-up", params=()),
         Internal("vllm.utils.argparse_utils:FlexibleArgumentParser", "vLLM's argument parser"),
         Internal("vllm.entrypoints.cli.serve:ServeSubcommand.cmd", "what vllm serve runs", params=("args",)),
         Internal("vllm.entrypoints.cli.serve:ServeSubcommand.validate", "what vllm serve checks first",
                  params=("self", "args")),
         Internal("vllm.logger:configure_logging_from_args", "vllm serve's logging set-up", params=("args",)),
-        Internal("vllm.entrypoints.openai.api_server", "the module one API server runs (python -m)"),
-        Internal("vllm.entrypoints.launchers.api_server.entry:main", "what python -m of that module runs",
-                 params=()),
     ),
     "kv_cache_sizing": (
         Internal("vllm.engine.arg_utils:EngineArgs.from_cli_args", "reads vLLM's engine config", params=("args",)),
