@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Sequence
@@ -48,6 +49,7 @@ class ServerProcess:
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen | None = None
         self.started_at = 0.0
+        self.exited_at: float | None = None
 
     @property
     def url(self) -> str:
@@ -60,10 +62,16 @@ class ServerProcess:
                                      start_new_session=True)
         log.close()
         self.started_at = time.monotonic()
+        threading.Thread(target=self._note_exit, daemon=True).start()
         return self
 
+    def _note_exit(self) -> None:
+        self.proc.wait()
+        self.exited_at = time.monotonic()
+
     def _record(self, outcome: str) -> None:
-        ServerProcess.STARTUPS.append((self.log_path, outcome, time.monotonic() - self.started_at))
+        end = self.exited_at if self.exited_at is not None else time.monotonic()
+        ServerProcess.STARTUPS.append((self.log_path, outcome, end - self.started_at))
 
     def wait_ready(self, timeout: float = 600.0) -> ServerProcess:
         deadline = time.monotonic() + timeout
@@ -84,6 +92,8 @@ class ServerProcess:
     def wait_exit(self, timeout: float = 600.0) -> int:
         """For a server expected to refuse to start: its exit code."""
         code = self.proc.wait(timeout=timeout)
+        while self.exited_at is None:  # the watcher notes the time it saw the exit
+            time.sleep(0.01)
         self._record(f"exited {code}")
         return code
 
